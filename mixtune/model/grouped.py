@@ -1,0 +1,71 @@
+"""Tokens sorted by expert into contiguous groups, and one matrix product per group.
+
+`grouped_linear` is the single primitive the experts (and their LoRA) are built from: on CUDA in
+bf16 it is one `torch._grouped_mm` call; elsewhere a loop of `mm` over the groups, which touches
+only the tokens each expert owns and, for frozen weights, computes no weight gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingPlan:
+    """The (T*K) token-expert pairs sorted by expert.
+
+    token_index: (N,) source token of each sorted row; weights: (N,) its routing weight;
+    group_sizes: rows per expert (host ints, for the loop path); offsets: (E,) int32 cumulative
+    ends (for `torch._grouped_mm`, which needs no host sync).
+    """
+
+    token_index: torch.Tensor
+    weights: torch.Tensor
+    group_sizes: list[int]
+    offsets: torch.Tensor
+
+
+def plan_routing(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
+    """Sort every (token, choice) pair by expert; a stable sort keeps token order inside a group."""
+    flat_ids = expert_ids_TK.reshape(-1)
+    order = flat_ids.argsort(stable=True)
+    top_k = expert_ids_TK.shape[1]
+    counts = torch.bincount(flat_ids, minlength=num_experts)
+    return RoutingPlan(
+        token_index=order // top_k,
+        weights=weights_TK.reshape(-1)[order],
+        group_sizes=counts.tolist(),
+        offsets=counts.cumsum(0).to(torch.int32),
+    )
+
+
+def _can_use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # The fused kernel pays on GPUs in bf16; on CPU it is no faster than the loop and has no
+    # backward (measured with torch 2.13), and it needs 16-byte aligned strides.
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and x.shape[-1] % 8 == 0
+        and weight.shape[1] % 8 == 0
+    )
+
+
+def grouped_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Rows of group e times weight[e]^T: (N, I) -> (N, O), groups laid out as in `plan`."""
+    if _can_use_grouped_mm(x_NI, weight_EOI):
+        return torch._grouped_mm(x_NI, weight_EOI.transpose(1, 2), offs=plan.offsets)
+    # unbind, not weight[e]: its backward stacks the per-expert gradients into one tensor instead
+    # of adding E full-size zero-padded gradients.
+    per_expert = weight_EOI.unbind(0)
+    outputs = [
+        group @ per_expert[e].T
+        for e, group in enumerate(x_NI.split(plan.group_sizes))
+        if plan.group_sizes[e] > 0
+    ]
+    if not outputs:
+        return x_NI.new_zeros(0, weight_EOI.shape[1])
+    return torch.cat(outputs)
