@@ -31,11 +31,11 @@ def test_grouped_equals_loop_outputs_and_grads(top_k):
 
     grads = torch.autograd.grad(
         out.square().sum(),
-        [x, experts.gate_up_proj, experts.down_proj, router.gate.weight],
+        [x, experts.gate_up_proj, experts.down_proj, router.proj.weight],
         retain_graph=True,
     )
     ref_grads = torch.autograd.grad(
-        ref.square().sum(), [x, experts.gate_up_proj, experts.down_proj, router.gate.weight]
+        ref.square().sum(), [x, experts.gate_up_proj, experts.down_proj, router.proj.weight]
     )
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -22,7 +22,7 @@ CONFIGS = {
 
 def hf_name(name: str) -> str:
     """mixtune parameter name -> transformers 5 parameter name."""
-    return name.replace("mlp.router.gate.weight", "mlp.gate.weight")
+    return name.replace("mlp.router.proj.weight", "mlp.gate.weight")
 
 
 def pair_from_hf(tmp_path, overrides, seed=0):

@@ -158,6 +158,15 @@ class MixtralForCausalLM(PreTrainedModel):
         )
 
     @classmethod
+    def can_generate(cls) -> bool:
+        # Generation goes through mixtune.generate (our own KV cache), not transformers' GenerationMixin.
+        return False
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # PEFT's causal-LM wrapper looks this up when it wraps a model; it is never called by mixtune.
+        raise NotImplementedError("mixtune models generate with mixtune.generate.generate()")
+
+    @classmethod
     def from_pretrained(
         cls,
         path: str | Path,

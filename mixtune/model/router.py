@@ -42,10 +42,12 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
-        self.gate = RouterLinear(hidden_size, num_experts, bias=False)
+        # Not named `gate`: PEFT rewrites LoRA targets called gate/w1/w2/w3 on any model whose
+        # config says model_type "mixtral" (its transformers 4 -> 5 conversion), which is not ours.
+        self.proj = RouterLinear(hidden_size, num_experts, bias=False)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        logits_TE = self.gate(x_TD)
+        logits_TE = self.proj(x_TD)
         # Mixtral's order: top-k on the logits, then softmax over the k chosen, which equals a
         # softmax over all E renormalised over the chosen k.
         top_logits_TK, expert_ids_TK = logits_TE.topk(self.top_k, dim=-1)

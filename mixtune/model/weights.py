@@ -36,7 +36,7 @@ SHARED_LAYER_KEYS = (
 )
 TOP_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 # mixtune name (per layer) -> name in each layout. Experts are handled below: classic splits them.
-ROUTER = "mlp.router.gate.weight"
+ROUTER = "mlp.router.proj.weight"
 GATE_UP = "mlp.experts.gate_up_proj"
 DOWN = "mlp.experts.down_proj"
 CLASSIC_ROUTER = "block_sparse_moe.gate.weight"
