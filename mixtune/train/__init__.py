@@ -1,0 +1,1 @@
+"""Training: the trainers (TRL subclasses), router losses and metrics, and the shared set-up."""
