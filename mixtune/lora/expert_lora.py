@@ -10,6 +10,7 @@ save and load as PEFT directories, merge and unmerge, and `disable_adapter()` tu
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -42,7 +43,10 @@ class ExpertProjectionLora(nn.Module, LoraLayer):
         **kwargs,
     ):
         super().__init__()
-        LoraLayer.__init__(self, base_layer)
+        with warnings.catch_warnings():
+            # PEFT warns that it cannot size an unknown layer type; this layer sizes itself below.
+            warnings.simplefilter("ignore", UserWarning)
+            LoraLayer.__init__(self, base_layer)
         self.num_experts = base_layer.num_experts
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self._active_adapter = adapter_name

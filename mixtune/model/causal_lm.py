@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -99,6 +99,8 @@ class MixtralForCausalLM(PreTrainedModel):
         super().__init__(config)
         self.model = MixtralBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Trainers read and set token ids here; generation itself is mixtune.generate's.
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.post_init()
 
     @torch.no_grad()

@@ -516,6 +516,8 @@ def _apply_trainer_defaults(
             f"{where('training.bf16')}: training.bf16 and training.fp16 are both true; pick one"
         )
     gpu = _cuda_available()
+    if not gpu and "dataloader_pin_memory" not in kwargs:
+        kwargs["dataloader_pin_memory"] = False  # pinning needs an accelerator; torch warns every epoch
     if kwargs.get("bf16") is None and (not gpu or kwargs.get("use_cpu")):
         kwargs["bf16"] = False  # TRL asks for bf16 by default, which fails without a CUDA GPU
     for flag in ("bf16", "fp16"):
