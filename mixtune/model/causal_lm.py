@@ -41,8 +41,19 @@ class MixtralOutput(ModelOutput):
     past_key_values: KVCache | None = None
 
 
+@dataclass
+class BackboneOutput(ModelOutput):
+    """(B, T, D) final hidden states and one (B*T, E) router-logit tensor per layer."""
+
+    last_hidden_state: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
 class MixtralBackbone(nn.Module):
-    """Embeddings, decoder layers, final norm: (B, T) ids -> (B, T, D) hidden states."""
+    """Embeddings, decoder layers, final norm: (B, T) ids -> (B, T, D) hidden states.
+
+    Returned as `last_hidden_state`, the name TRL's fused log-prob head reads from `base_model`.
+    """
 
     def __init__(self, config: MixtralConfig):
         super().__init__()
@@ -54,10 +65,11 @@ class MixtralBackbone(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        past_key_values: KVCache | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        **kwargs,
+    ) -> BackboneOutput:
         B, T = input_ids.shape
         if position_ids is None:
             start = past_key_values.seen if past_key_values is not None else 0
@@ -76,7 +88,7 @@ class MixtralBackbone(nn.Module):
             router_logits.append(logits)
         if past_key_values is not None:
             past_key_values.advance(position_ids)
-        return self.norm(x_BTD), tuple(router_logits)
+        return BackboneOutput(self.norm(x_BTD), tuple(router_logits))
 
 
 class MixtralForCausalLM(PreTrainedModel):
@@ -137,7 +149,8 @@ class MixtralForCausalLM(PreTrainedModel):
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        hidden_BTD, router_logits = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        backbone = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        hidden_BTD, router_logits = backbone.last_hidden_state, backbone.router_logits
         logits = self.lm_head(slice_logits_to_keep(hidden_BTD, logits_to_keep))
 
         loss = None

@@ -1,0 +1,71 @@
+"""Preference optimisation: `accelerate launch -m mixtune.dpo RECIPE.yaml [key=value ...]`.
+
+Starts from an SFT output: a full model directory (model.name_or_path), or a base model plus the
+SFT adapter (lora.init_from). The reference model is that SFT model: with LoRA it is the same
+weights with the new adapter disabled, or a frozen copy of the continued adapter, so no second
+full model is held.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mixtune.data import build_preference_datasets
+from mixtune.recipe import recipe_from_argv
+from mixtune.train.dpo_trainer import MixtuneDPOTrainer
+from mixtune.train.setup import (
+    build_run,
+    router_loss_config,
+    save_outputs,
+    shutdown,
+    summary,
+    use_compact_console,
+)
+
+
+def reference_description(recipe) -> str:
+    """How the trainer gets the reference log-probs, in words for the start-up summary."""
+    if recipe.training.precompute_ref_log_probs:
+        how = "precomputed once before training"
+    elif not recipe.lora.enabled:
+        how = "a frozen full copy of the starting model"
+    elif recipe.lora.init_from:
+        how = f"a frozen copy of the adapter {recipe.lora.init_from}, which the policy continues"
+    else:
+        # TRL copies the new (zero-initialised) adapter into a frozen "ref" adapter: the base
+        # weights are shared, so only the adapter is held twice.
+        how = "the starting weights plus a frozen copy of the fresh adapter (equal to no adapter)"
+    return f"the SFT model: {how}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    recipe = recipe_from_argv("dpo", argv)
+    run = build_run(recipe, build_preference_datasets)
+    trainer = MixtuneDPOTrainer(
+        model=run.model,
+        args=recipe.training,
+        train_dataset=run.train_dataset,
+        eval_dataset=run.eval_dataset,
+        processing_class=run.tokenizer,
+        callbacks=run.callbacks,
+        router_cfg=router_loss_config(recipe, run.model),
+        top_k=run.model.config.num_experts_per_tok,
+    )
+    use_compact_console(trainer)
+    if trainer.accelerator.is_main_process:
+        losses = ", ".join(recipe.training.loss_type)
+        extra = {
+            "dpo": f"loss {losses}, beta {recipe.training.beta}, label smoothing {recipe.training.label_smoothing}",
+            "reference": reference_description(recipe),
+        }
+        print(summary(run, extra), flush=True)
+    trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
+    output_dir = save_outputs(trainer, run)
+    if trainer.accelerator.is_main_process:
+        print(f"saved to {output_dir}", flush=True)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
