@@ -114,9 +114,19 @@ class ExpertProjectionLora(nn.Module, LoraLayer):
         """(E, out, in) = scale * B_e @ A_e, in fp32 and cast back (CPU bf16 matmuls are slow and lossy)."""
         A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         delta = torch.bmm(B.float(), A.float()) * self.scaling[adapter]
-        return delta.to(self.get_base_layer().weight.dtype)
+        base = self.get_base_layer()
+        return delta.to(base.compute_dtype if base.quantized else base.weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        base = self.get_base_layer()
+        if base.quantized:
+            # Adding BA to NF4 codes would need a dequantise-add-requantise round trip that throws
+            # most of the adapter away in quantisation error; the export merges in full precision.
+            raise RuntimeError(
+                f"cannot merge LoRA into the 4-bit experts' {base.name}: merge into a full-precision copy "
+                "of the base instead (load the base with model.load_in_4bit: false, load this adapter "
+                "onto it with mixtune.lora.load_adapter, then merge)"
+            )
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.lora_A:
                 continue

@@ -24,6 +24,9 @@ class ExpertProjection(nn.Module):
     merges into.
     """
 
+    # True on the attachment points of 4-bit experts (mixtune.quant), where LoRA cannot merge.
+    quantized: bool = False
+
     def __init__(self, owner: GroupedExperts, name: str):
         super().__init__()
         # A plain reference, not a registered submodule: the owner is the parent in the module
@@ -70,7 +73,7 @@ class GroupedExperts(nn.Module):
         self.w2_proj = ExpertProjection(self, "w2")
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up (E, 2I, D), down (E, D, I)); quantised experts return per-expert dequantisers instead."""
+        """(gate_up (E, 2I, D), down (E, D, I)); 4-bit experts return `PerExpertWeights` instead."""
         return self.gate_up_proj, self.down_proj
 
     def forward(

@@ -2,12 +2,14 @@
 
 `grouped_linear` is the single primitive the experts (and their LoRA) are built from: on CUDA in
 bf16 it is one `torch._grouped_mm` call; elsewhere a loop of `mm` over the groups, which touches
-only the tokens each expert owns and, for frozen weights, computes no weight gradient.
+only the tokens each expert owns and, for frozen weights, computes no weight gradient. Weights kept
+in another form (4-bit, see mixtune.quant) take the loop, each expert applying itself to its group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -54,18 +56,40 @@ def _can_use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def grouped_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """Rows of group e times weight[e]^T: (N, I) -> (N, O), groups laid out as in `plan`."""
-    if _can_use_grouped_mm(x_NI, weight_EOI):
-        return torch._grouped_mm(x_NI, weight_EOI.transpose(1, 2), offs=plan.offsets)
-    # unbind, not weight[e]: its backward stacks the per-expert gradients into one tensor instead
-    # of adding E full-size zero-padded gradients.
-    per_expert = weight_EOI.unbind(0)
+class PerExpertWeights(Protocol):
+    """E frozen (O, I) matrices stored so that only one expert is ever materialised (e.g. NF4)."""
+
+    num_experts: int
+    out_features: int
+
+    def linear(self, x_nI: torch.Tensor, e: int) -> torch.Tensor:
+        """(n, I) rows times expert e's weight^T -> (n, O); the weight gets no gradient."""
+        ...
+
+
+def grouped_linear(
+    x_NI: torch.Tensor, weight_EOI: torch.Tensor | PerExpertWeights, plan: RoutingPlan
+) -> torch.Tensor:
+    """Rows of group e times weight[e]^T: (N, I) -> (N, O), groups laid out as in `plan`.
+
+    `weight_EOI` is a stacked (E, O, I) tensor, or `PerExpertWeights` applied one group at a time.
+    """
+    if isinstance(weight_EOI, torch.Tensor):
+        if _can_use_grouped_mm(x_NI, weight_EOI):
+            return torch._grouped_mm(x_NI, weight_EOI.transpose(1, 2), offs=plan.offsets)
+        # unbind, not weight[e]: its backward stacks the per-expert gradients into one tensor instead
+        # of adding E full-size zero-padded gradients.
+        per_expert = weight_EOI.unbind(0)
+
+        def linear(group: torch.Tensor, e: int) -> torch.Tensor:
+            return group @ per_expert[e].T
+
+        out_features = weight_EOI.shape[1]
+    else:
+        linear, out_features = weight_EOI.linear, weight_EOI.out_features
     outputs = [
-        group @ per_expert[e].T
-        for e, group in enumerate(x_NI.split(plan.group_sizes))
-        if plan.group_sizes[e] > 0
+        linear(group, e) for e, group in enumerate(x_NI.split(plan.group_sizes)) if plan.group_sizes[e] > 0
     ]
     if not outputs:
-        return x_NI.new_zeros(0, weight_EOI.shape[1])
+        return x_NI.new_zeros(0, out_features)
     return torch.cat(outputs)

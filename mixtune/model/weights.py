@@ -254,6 +254,11 @@ def _config_dtype(config: MixtralConfig) -> torch.dtype:
 
 def save_pretrained(model, directory, state_dict=None, max_shard_size="5GB") -> None:
     """config.json plus classic-layout safetensors shards and their index."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError(
+            "refusing to save a 4-bit model as Mixtral weights: NF4 codes are not a checkpoint any "
+            "consumer reads; save the adapter, and merge it into the full-precision base (mixtune.export)"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if state_dict is None:

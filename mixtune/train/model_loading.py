@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_base_model(model_section) -> MixtralForCausalLM:
-    """Build or load the model (weights only; adapters and quantisation come after)."""
+    """Build or load the model, quantised to 4-bit with `load_in_4bit` (adapters come after)."""
     dtype = DTYPES[model_section.dtype]
     if model_section.preset is not None:
         config = MixtralConfig.preset(model_section.preset, **model_section.config_overrides)
@@ -20,11 +21,24 @@ def load_base_model(model_section) -> MixtralForCausalLM:
         with torch.random.fork_rng():
             torch.manual_seed(model_section.init_seed)
             model = MixtralForCausalLM(config)
-        model.config.name_or_path = model_section.name_or_path
-        return model.to(dtype)
-    model = MixtralForCausalLM.from_pretrained(Path(model_section.name_or_path), dtype=dtype)
-    model.config.name_or_path = str(model_section.name_or_path)
+        # Both names: PEFT records `name_or_path` as the adapter's base_model_name_or_path.
+        model.config.name_or_path = model.name_or_path = model_section.name_or_path
+        model = model.to(dtype)
+    else:
+        model = MixtralForCausalLM.from_pretrained(Path(model_section.name_or_path), dtype=dtype)
+        model.config.name_or_path = model.name_or_path = str(model_section.name_or_path)
+    if model_section.load_in_4bit:
+        from mixtune.quant import quantize_model_4bit  # bitsandbytes is imported by 4-bit runs only
+
+        model = quantize_model_4bit(model, dtype, device=_local_gpu())
     return model
+
+
+def _local_gpu() -> torch.device | None:
+    """This process's GPU, where quantising is fast and where training will run; None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def tokenizer_source(model_section) -> str | None:
@@ -36,3 +50,17 @@ def tokenizer_source(model_section) -> str | None:
         if (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.model.v1").exists():
             return str(directory)
     return None
+
+
+def stage_model_section(stage_dir: str | Path):
+    """The `model:` section of the resolved recipe a stage saved in its output directory.
+
+    Only that section is read (and validated), so a stage output can be used from any working
+    directory, even where the recipe's data paths do not resolve.
+    """
+    from mixtune.recipe.loader import _Where, build_dataclass, read_recipe_file
+    from mixtune.recipe.schema import ModelSection
+
+    path = Path(stage_dir) / "recipe.yaml"
+    raw = read_recipe_file(path)
+    return build_dataclass(ModelSection, raw.get("model"), "model", _Where(raw, str(path)))

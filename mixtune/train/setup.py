@@ -117,6 +117,10 @@ def summary(run: Run, extra: dict[str, str] | None = None) -> str:
         f"  data       {len(run.train_dataset):,} train / {len(run.eval_dataset) if run.eval_dataset else 0:,} eval "
         f"examples, max_length {recipe.data.max_length}, packing {recipe.data.packing}",
     ]
+    if recipe.model.load_in_4bit:
+        from mixtune.quant import memory_summary
+
+        lines.append(f"  {'memory':<10} {memory_summary(base)}")
     lines += ["  " + line for line in run.data_report.summary().splitlines()]
     for key, value in (extra or {}).items():
         lines.append(f"  {key:<10} {value}")
