@@ -158,7 +158,7 @@ class MixtralForCausalLM(PreTrainedModel):
             num_items = kwargs.get("num_items_in_batch")
             loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items)
         aux_loss = None
-        if output_router_logits:
+        if output_router_logits and past_key_values is None:  # a training quantity; not while generating
             aux_loss = load_balancing_loss_func(
                 router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, attention_mask
             )

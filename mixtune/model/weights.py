@@ -10,6 +10,7 @@ pickle files can run code when loaded.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterator
@@ -194,18 +195,22 @@ def _checked_plan(reader: CheckpointReader, config: MixtralConfig) -> dict[str, 
     return plan
 
 
+def _read_parameter(reader: CheckpointReader, parts: dict[str, tuple[str, ...]]) -> torch.Tensor:
+    """One mixtune parameter from its source keys (classic experts are stacked here)."""
+    if set(parts) == {""}:
+        return reader.get(parts[""][0])
+    if "w1" in parts:  # gate and up stacked per expert: (E, 2I, D)
+        gate = torch.stack([reader.get(k) for k in parts["w1"]])
+        up = torch.stack([reader.get(k) for k in parts["w3"]])
+        return torch.cat((gate, up), dim=1)
+    return torch.stack([reader.get(k) for k in parts["w2"]])
+
+
 def iter_parameters(directory: str | Path, config: MixtralConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (mixtune name, tensor) one parameter at a time, so peak memory is one parameter."""
     reader = CheckpointReader(directory)
     for name, parts in _checked_plan(reader, config).items():
-        if set(parts) == {""}:
-            yield name, reader.get(parts[""][0])
-        elif "w1" in parts:  # gate and up stacked per expert: (E, 2I, D)
-            gate = torch.stack([reader.get(k) for k in parts["w1"]])
-            up = torch.stack([reader.get(k) for k in parts["w3"]])
-            yield name, torch.cat((gate, up), dim=1)
-        else:
-            yield name, torch.stack([reader.get(k) for k in parts["w2"]])
+        yield name, _read_parameter(reader, parts)
 
 
 def to_classic(state_dict: dict[str, torch.Tensor], config: MixtralConfig) -> dict[str, torch.Tensor]:
@@ -230,11 +235,18 @@ def to_classic(state_dict: dict[str, torch.Tensor], config: MixtralConfig) -> di
 
 
 def load_pretrained(cls, path, *, dtype=None, device="cpu", **config_overrides):
-    """Build the model on the meta device (no wasted random init) and fill it from the checkpoint."""
+    """Build the model on the meta device (no wasted random init) and fill it from the checkpoint.
+
+    Under DeepSpeed ZeRO-3 it is built partitioned instead, and no rank ever holds all of it.
+    """
+    from mixtune.distributed import zero3_enabled  # here: mixtune.distributed imports the model
+
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json (is this a model directory?)")
     config = MixtralConfig.from_pretrained(path, **config_overrides)
+    if zero3_enabled():
+        return _load_partitioned(cls, path, config)
     dtype = dtype or _config_dtype(config)
     with torch.device("meta"):
         model = cls(config)
@@ -244,6 +256,26 @@ def load_pretrained(cls, path, *, dtype=None, device="cpu", **config_overrides):
         module._parameters[param_name] = torch.nn.Parameter(tensor.to(device=device, dtype=dtype))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _load_partitioned(cls, path: Path, config: MixtralConfig):
+    """Under DeepSpeed ZeRO-3: build partitioned, then fill one parameter at a time from rank 0.
+
+    Every rank checks the checkpoint (headers only), so a bad one fails on all ranks at once rather
+    than leaving the others waiting in a collective; only rank 0 reads tensors. The dtype is
+    DeepSpeed's (see mixtune.distributed.partitioned_init).
+    """
+    from mixtune.distributed import load_partitioned, partitioned_init, rank
+
+    reader = CheckpointReader(path)
+    plan = _checked_plan(reader, config)
+    with partitioned_init(skip_init=True):
+        model = cls(config)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, parts in plan.items():
+        load_partitioned(model, name, _read_parameter(reader, parts) if rank() == 0 else None)
     return model.eval()
 
 
@@ -266,10 +298,13 @@ def save_pretrained(model, directory, state_dict=None, max_shard_size="5GB") -> 
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rotary.inv_freq")}
     if model.config.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)
-    config = model.config
+    config = copy.deepcopy(model.config)
     config.architectures = ["MixtralForCausalLM"]
     first = next(iter(state_dict.values()))
     config.dtype = str(first.dtype).removeprefix("torch.")
+    # Trainers switch these runtime flags off or on for training; a checkpoint carries the defaults
+    # its readers expect (transformers generates with the cache, without router logits).
+    config.use_cache, config.output_router_logits = True, False
     config.save_pretrained(directory)
     classic = to_classic(state_dict, config)  # views into the parameters, no copy yet
     split = split_torch_state_dict_into_shards(classic, max_shard_size=max_shard_size)

@@ -12,6 +12,7 @@ from trl import SFTTrainer
 
 from .objective import RouterLossConfig, sft_objective
 from .router_metrics import RouterMetrics
+from .routing_drift import RoutingWatch, RoutingWatchCallback, WatchConfig
 
 
 class MixtuneSFTTrainer(SFTTrainer):
@@ -20,11 +21,23 @@ class MixtuneSFTTrainer(SFTTrainer):
     # sft_objective divides by the step's token count itself (num_items_in_batch).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, router_cfg: RouterLossConfig, top_k: int, **kwargs):
+    def __init__(
+        self,
+        *args,
+        router_cfg: RouterLossConfig,
+        top_k: int,
+        router_watch: WatchConfig | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        # mixtune computes its own per-layer router losses; TRL's pooled aux loss stays off.
+        self.aux_loss_enabled = False
         self.router_cfg = router_cfg
         self.top_k = top_k
-        self.router_metrics = {"train": RouterMetrics(), "eval": RouterMetrics()}
+        # Training metrics also watch drift from the starting routing and collapsing experts.
+        watch = RoutingWatch(router_watch)
+        self.router_metrics = {"train": RouterMetrics(watch), "eval": RouterMetrics()}
+        self.add_callback(RoutingWatchCallback(watch))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
