@@ -3,9 +3,9 @@
     python data/make_tasks.py               # rewrites data/tasks/*.jsonl
     python data/make_tasks.py --out /tmp/x  # somewhere else (the test does this)
 
-Eight tasks (two-digit addition, add one, repeat a word, reverse spaced letters, sort three digits,
+Eight tasks (two-digit addition, add one, repeat spaced letters, reverse spaced letters, sort three digits,
 the larger of two numbers, parity, upper case), each with several phrasings. The split is made on
-the underlying problem (the operands, the word, the letters), never on the rendered text, so a
+the underlying problem (the operands, the letters), never on the rendered text, so a
 held-out problem is absent from every training file under every phrasing. Output is deterministic:
 every random choice comes from a `random.Random` seeded with a string (hash-seed independent) and
 nothing iterates over a set. Standard library only, so it runs before mixtune is installed.
@@ -33,42 +33,6 @@ SFT_HELDOUT_PER_TASK = 50  # 50 problems give accuracy to about +-0.07 per task
 PREF_HELDOUT_PER_TASK = 30
 
 LETTER_STRINGS = 3000  # random letter strings drawn for each letter task (the space is ~12 M)
-
-# Common English words for the copy task. Prompts put the word after a space, never inside quotes,
-# so that the word's tokens in the prompt are the same pieces the answer must produce.
-WORD_LIST = """
-    able acid aged also area army away baby back ball band bank base bath bear beat bell belt
-    best bird blue boat body bone book boot born both bowl bread brick bridge bright brown
-    brush build burn busy cake call calm camera camp candle card care carpet carry cash castle
-    chair chalk cheese chest chicken child circle city clean clock cloud coast coat coffee cold
-    color cook cool copper corn cotton count cover cream crowd cup dance dark date deep desert
-    desk diary dinner doctor dog door dream dress drink drive drop dust eagle early earth east
-    easy edge egg engine evening event face fact farm fast father feather field film finger
-    fire fish flag flat floor flower fly fog food foot forest fork frame fresh friend frog
-    fruit game garden gate gift glass glove goat gold grass green ground group guest guitar
-    hair hall hammer hand happy harbor hat head heart heavy hill hobby hole holiday honey hope
-    horse hotel house hunt idea inch island jacket jelly jewel job juice jump key kettle king
-    kitchen kite knee knife ladder lake lamp land large laugh leaf lemon letter light lion
-    list little lock long lunch machine magic map market meal metal milk minute mirror money
-    monkey month moon morning mother motor mountain mouse mouth music nail name nature needle
-    nest net night noise north number ocean office oil onion orange oven owner page paint
-    paper park party pencil pepper piano picture pillow pilot pink pipe planet plant plate
-    pocket poem pond potato powder prize pump queen question quiet rabbit radio rain river
-    road robot rock roof room rope rose round ruler salt sand school sea season seed shadow
-    sheep shelf shell ship shirt shoe shop silver singer sister sky sleep smile smoke snake
-    snow soap sock soft song soup south space spoon spring square stage star station stone
-    storm story street string sugar summer sun supper table tail teacher tent thread throat
-    ticket tiger time toast today tomato tooth towel tower town toy train tree truck tunnel
-    uncle valley vase velvet village violin voice wagon wall watch water wave weather wheel
-    whistle window wind winter wire wolf wood wool word world yard yellow young zebra zone
-    apple arrow basket beach berry blanket bottle button cabin canal cherry cliff cloth cousin
-    crystal diamond dinosaur dolphin drum engineer fence flute giant glue grape hammock helmet
-    honest iron ivory jungle lantern lizard marble meadow melon moss napkin orbit oyster panda
-    parrot peach pearl pepper petal pirate plum puzzle quilt rainbow ribbon rocket saddle
-    sailor scarf spider sponge statue sunset sweater tablet tulip turtle umbrella vanilla
-    walnut whale wizard
-    """
-WORDS = sorted(set(WORD_LIST.split()))  # sorted: a fixed order whatever the hash seed
 
 
 @dataclass(frozen=True)
@@ -274,27 +238,30 @@ UPPER_CASE = Task(
 )
 
 
-def repeat_near_misses(word: str) -> list[str]:
-    """Copy slips: two neighbouring letters swapped, the last letter dropped, or the word twice."""
-    return [*adjacent_swaps(word), word[:-1], f"{word} {word}"]
+def repeat_near_misses(s: str) -> list[str]:
+    """Copy slips: two neighbouring letters swapped, the last letter dropped, or a letter doubled."""
+    return [spaced(w) for w in dict.fromkeys([*adjacent_swaps(s), s[:-1], s + s[-1]]) if w != s]
 
 
-REPEAT_WORD = Task(
-    name="repeat_word",
+# Copying spaced letters rather than whole words: a held-out word is a token the model never
+# produced in training, and with untied embeddings a from-scratch model cannot emit a token whose
+# output row never learned anything. 26 letters, all seen, in unseen combinations is a fair test.
+REPEAT_LETTERS = Task(
+    name="repeat_letters",
     templates=(
-        "Repeat this word: {w}",
-        "Say the following word back: {w}",
-        "Copy the word exactly: {w}",
-        "Echo the word: {w}",
-        "Write this word again: {w}",
+        "Repeat these letters: {s}",
+        "Say the following letters back: {s}",
+        "Copy the letters exactly: {s}",
+        "Echo these letters: {s}",
+        "Write these letters again: {s}",
     ),
-    problems=lambda rng: list(WORDS),
-    fields=lambda w, rng: {"w": w},
-    answer=lambda w: w,
+    problems=letter_strings,
+    fields=lambda s, rng: {"s": spaced(s)},
+    answer=lambda s: spaced(s),
     near_misses=repeat_near_misses,
 )
 
-TASKS = (ADD_TWO_DIGIT, ADD_ONE, REPEAT_WORD, REVERSE_LETTERS, SORT_DIGITS, LARGER, PARITY, UPPER_CASE)
+TASKS = (ADD_TWO_DIGIT, ADD_ONE, REPEAT_LETTERS, REVERSE_LETTERS, SORT_DIGITS, LARGER, PARITY, UPPER_CASE)
 
 # --- rows and splits ----------------------------------------------------------------------------
 

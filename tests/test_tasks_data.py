@@ -63,13 +63,10 @@ def solve(task: str, prompt: str) -> tuple[tuple, str]:
         digits = numbers(prompt)
         assert len(digits) == 3 and all(d < 10 for d in digits), prompt
         return (task, *digits), " ".join(map(str, sorted(digits)))
-    if task in ("reverse_letters", "upper_case"):
+    if task in ("reverse_letters", "upper_case", "repeat_letters"):
         s = spaced_letters(prompt)
-        return (task, s), " ".join(s[::-1] if task == "reverse_letters" else s.upper())
-    if task == "repeat_word":
-        word = payload(prompt)
-        assert re.fullmatch(r"[a-z]+", word), prompt
-        return (task, word), word
+        answer = {"reverse_letters": s[::-1], "upper_case": s.upper(), "repeat_letters": s}[task]
+        return (task, s), " ".join(answer)
     raise AssertionError(f"unknown task {task!r}")
 
 
@@ -85,7 +82,7 @@ def near_miss(task: str, prompt: str, right: str, wrong: str) -> bool:
         return sorted(wrong.split()) == sorted(right.split())
     if task == "upper_case":
         return wrong.upper() == right
-    return difflib.SequenceMatcher(a=right, b=wrong).ratio() >= 0.6  # repeat_word
+    return difflib.SequenceMatcher(a=right, b=wrong).ratio() >= 0.6  # repeat_letters
 
 
 def keys(*splits: str) -> set[tuple]:
