@@ -10,6 +10,7 @@ B6  FLOPs counted by torch.utils.flop_counter / the ideal count for the block
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -48,8 +49,8 @@ def run(dtype: torch.dtype, repeats: int) -> dict:
         if mode == "lora":
             ours, dense = with_lora(ours, "mixtune", LORA_RANK), with_lora(dense, "dense", LORA_RANK)
             hfs = {impl: with_lora(m, "hf", LORA_RANK) for impl, m in hfs.items()}
-        fns = {"mixtune": lambda: train_step(ours, x, grad_out), "dense": lambda: train_step(dense, x, grad_out)}
-        fns.update({f"hf_{impl}": (lambda m=m: train_step(m, x, grad_out)) for impl, m in hfs.items()})
+        modules = {"mixtune": ours, "dense": dense, **{f"hf_{impl}": m for impl, m in hfs.items()}}
+        fns = {name: partial(train_step, m, x, grad_out) for name, m in modules.items()}
         times = interleaved(fns, repeats=repeats)
         best_hf = min(("hf_eager", "hf_grouped_mm"), key=lambda k: sorted(times[k])[len(times[k]) // 2])
         results[mode] = {
@@ -74,11 +75,21 @@ def main(argv=None) -> None:
             (f"B2 transformers+PEFT ({r['B2_peer']}) / mixtune", f"{r['B2']:.2f}", ">= 1.3"),
             ("B6 counted / ideal FLOPs", f"{r['B6']:.3f}", "1.00"),
         ]
-        print(table(f"MoE layer d={BLOCK['d']} n={BLOCK['n']} E={BLOCK['E']} K={BLOCK['K']} T={BLOCK['T']}, {args.dtype}, {mode}", rows))
+        print(
+            table(
+                f"MoE layer d={BLOCK['d']} n={BLOCK['n']} E={BLOCK['E']} K={BLOCK['K']} T={BLOCK['T']}, {args.dtype}, {mode}",
+                rows,
+            )
+        )
     for metric in ("B1", "B2", "B6"):
         write_result(
             f"{metric}_{args.dtype}",
-            {"shape": BLOCK, "dtype": args.dtype, "repeats": args.repeats, **{m: {metric: r[metric], "median_s": r["median_s"]} for m, r in res.items()}},
+            {
+                "shape": BLOCK,
+                "dtype": args.dtype,
+                "repeats": args.repeats,
+                **{m: {metric: r[metric], "median_s": r["median_s"]} for m, r in res.items()},
+            },
         )
 
 

@@ -46,7 +46,15 @@ def main(argv=None) -> None:
     shape = f"hidden {SMALL_MODEL['hidden_size']}, {SMALL_MODEL['num_hidden_layers']} layers, batch {SMALL_BATCH['batch']}x{SMALL_BATCH['seq']}"
     print(table(f"LoRA training step, small model ({shape}), fp32", rows))
     write_result("B3", {"model": SMALL_MODEL, "batch": SMALL_BATCH, "B3": r["B3"], "median_s": r["median_s"]})
-    write_result("B4", {"model": SMALL_MODEL, "B4": r["B4_mixtune"], "B4_transformers_peft": r["B4_hf"], "median_s": r["median_s"]})
+    write_result(
+        "B4",
+        {
+            "model": SMALL_MODEL,
+            "B4": r["B4_mixtune"],
+            "B4_transformers_peft": r["B4_hf"],
+            "median_s": r["median_s"],
+        },
+    )
 
 
 if __name__ == "__main__":

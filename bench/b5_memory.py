@@ -44,7 +44,12 @@ def main() -> None:
         return
     results = {}
     for impl in ("mixtune", "hf"):
-        out = subprocess.run([sys.executable, "-m", "bench.b5_memory", "--probe", impl], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.b5_memory", "--probe", impl],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = results["mixtune"]["step_bytes"] / results["hf"]["step_bytes"]
     rows = [
@@ -52,7 +57,11 @@ def main() -> None:
         ("transformers+PEFT step memory (MB)", f"{results['hf']['step_bytes'] / 1e6:.0f}", ""),
         ("B5 mixtune / transformers+PEFT", f"{ratio:.2f}", "<= 0.8"),
     ]
-    print(table("Peak memory of a LoRA training step (growth over weights + optimizer), small model, fp32", rows))
+    print(
+        table(
+            "Peak memory of a LoRA training step (growth over weights + optimizer), small model, fp32", rows
+        )
+    )
     write_result("B5", {"B5": ratio, **results})
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from functools import partial
 
 import torch
 from trl import DPOConfig, SFTConfig
@@ -31,21 +32,44 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
 
 
 def trainers(tmp: str, pairs, tokenizer, precompute: bool):
-    common = dict(output_dir=tmp, report_to="none", bf16=False, use_cpu=True, per_device_train_batch_size=16,
-                  activation_checkpointing=False, max_length=64)
+    common = dict(
+        output_dir=tmp,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        per_device_train_batch_size=16,
+        activation_checkpointing=False,
+        max_length=64,
+    )
     router = RouterLossConfig(balance_coef=0.02, z_loss_coef=0.001)
 
     def model():
         torch.manual_seed(0)
         return apply_lora(MixtralForCausalLM(MixtralConfig.preset("tiny")), make_lora_config(TARGETS, 16, 32))
 
-    sft_rows = pairs.map(lambda r: {"input_ids": r["prompt_ids"] + r["chosen_ids"],
-                                     "labels": [-100] * len(r["prompt_ids"]) + r["chosen_ids"]},
-                         remove_columns=pairs.column_names)
-    sft = MixtuneSFTTrainer(model=model(), args=SFTConfig(**common), train_dataset=sft_rows, processing_class=tokenizer,
-                            router_cfg=router, top_k=2)
-    dpo = MixtuneDPOTrainer(model=model(), args=DPOConfig(**common, precompute_ref_log_probs=precompute),
-                            train_dataset=pairs, processing_class=tokenizer, router_cfg=router, top_k=2)
+    sft_rows = pairs.map(
+        lambda r: {
+            "input_ids": r["prompt_ids"] + r["chosen_ids"],
+            "labels": [-100] * len(r["prompt_ids"]) + r["chosen_ids"],
+        },
+        remove_columns=pairs.column_names,
+    )
+    sft = MixtuneSFTTrainer(
+        model=model(),
+        args=SFTConfig(**common),
+        train_dataset=sft_rows,
+        processing_class=tokenizer,
+        router_cfg=router,
+        top_k=2,
+    )
+    dpo = MixtuneDPOTrainer(
+        model=model(),
+        args=DPOConfig(**common, precompute_ref_log_probs=precompute),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        router_cfg=router,
+        top_k=2,
+    )
     return sft, dpo
 
 
@@ -61,9 +85,12 @@ def run(repeats: int) -> dict:
             sft_batch = sft._prepare_inputs(next(iter(sft.get_train_dataloader())))
             dpo_batch = dpo._prepare_inputs(next(iter(dpo_train)))
             times = interleaved(
-                {"sft": lambda: sft.training_step(sft.model, sft_batch, None),
-                 "dpo": lambda: dpo.training_step(dpo.model, dpo_batch, None)},
-                repeats=repeats, warmup=1,
+                {
+                    "sft": partial(sft.training_step, sft.model, sft_batch, None),
+                    "dpo": partial(dpo.training_step, dpo.model, dpo_batch, None),
+                },
+                repeats=repeats,
+                warmup=1,
             )
         results["precomputed" if precompute else "reference_forward"] = median_ratio(times, "dpo", "sft")
     return results

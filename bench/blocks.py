@@ -83,7 +83,10 @@ def with_lora(module: nn.Module, kind: str, rank: int) -> nn.Module:
         config = make_lora_config(["w1", "w2", "w3"], rank, 2 * rank)
     elif kind == "hf":
         config = LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=[],
+            target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         )
     else:
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["w1", "w2", "w3"])

@@ -34,7 +34,9 @@ SMALL_BATCH = dict(batch=4, seq=256)
 LORA_RANK = 16
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 7, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], None]], repeats: int = 7, warmup: int = 2
+) -> dict[str, list[float]]:
     """Seconds per call for each function, run in turn within each repetition."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -57,7 +59,9 @@ def environment() -> dict[str, str]:
     return {
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
         "date": time.strftime("%Y-%m-%d"),
     }
 

@@ -32,7 +32,9 @@ def mixtune_lora(model, experts: bool):
 
 def hf_lora(model, experts: bool):
     params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if experts else None
-    config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=ATTENTION, target_parameters=params)
+    config = LoraConfig(
+        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=ATTENTION, target_parameters=params
+    )
     return get_peft_model(model, config)
 
 

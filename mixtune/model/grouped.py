@@ -1,7 +1,7 @@
 """Tokens sorted by expert into contiguous groups, and one matrix product per group.
 
 `grouped_linear` is the single primitive the experts (and their LoRA) are built from: on CUDA in
-bf16 it is one `torch._grouped_mm` call; elsewhere a loop of `mm` over the groups, which touches
+bf16 it is one `torch._grouped_mm` call; elsewhere a loop of `mm` over the groups (grouped_loop.py), which touches
 only the tokens each expert owns and, for frozen weights, computes no weight gradient. Weights kept
 in another form (4-bit, see mixtune.quant) take the loop, each expert applying itself to its group.
 """
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from .grouped_loop import GroupedLinearLoop
 
 
 @dataclass
@@ -77,16 +79,8 @@ def grouped_linear(
     if isinstance(weight_EOI, torch.Tensor):
         if _can_use_grouped_mm(x_NI, weight_EOI):
             return torch._grouped_mm(x_NI, weight_EOI.transpose(1, 2), offs=plan.offsets)
-        # unbind, not weight[e]: its backward stacks the per-expert gradients into one tensor instead
-        # of adding E full-size zero-padded gradients.
-        per_expert = weight_EOI.unbind(0)
-
-        def linear(group: torch.Tensor, e: int) -> torch.Tensor:
-            return group @ per_expert[e].T
-
-        out_features = weight_EOI.shape[1]
-    else:
-        linear, out_features = weight_EOI.linear, weight_EOI.out_features
+        return GroupedLinearLoop.apply(x_NI.contiguous(), weight_EOI, plan.group_sizes)
+    linear, out_features = weight_EOI.linear, weight_EOI.out_features
     outputs = [
         linear(group, e) for e, group in enumerate(x_NI.split(plan.group_sizes)) if plan.group_sizes[e] > 0
     ]
