@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
-.PHONY: install test demo lint format bench clean
+.PHONY: install test test-distributed demo lint format bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
+
+# Only the multi-process DeepSpeed ZeRO-3 launches (2 CPU processes; about 3 minutes on 2 cores).
+test-distributed: $(STAMP)
+	$(PY) -m pytest -q -ra -m distributed tests
 
 demo: $(STAMP)
 	$(PY) -m mixtune.demo

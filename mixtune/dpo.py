@@ -16,6 +16,7 @@ from mixtune.train.dpo_trainer import MixtuneDPOTrainer
 from mixtune.train.setup import (
     build_run,
     router_loss_config,
+    router_watch_config,
     save_outputs,
     shutdown,
     summary,
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=run.tokenizer,
         callbacks=run.callbacks,
         router_cfg=router_loss_config(recipe, run.model),
+        router_watch=router_watch_config(recipe),
         top_k=run.model.config.num_experts_per_tok,
     )
     use_compact_console(trainer)

@@ -12,6 +12,7 @@ from mixtune.recipe import recipe_from_argv
 from mixtune.train.setup import (
     build_run,
     router_loss_config,
+    router_watch_config,
     save_outputs,
     shutdown,
     summary,
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=run.tokenizer,
         callbacks=run.callbacks,
         router_cfg=router_loss_config(recipe, run.model),
+        router_watch=router_watch_config(recipe),
         top_k=run.model.config.num_experts_per_tok,
     )
     use_compact_console(trainer)

@@ -564,22 +564,20 @@ def test_secrets_are_redacted_and_the_recipe_untouched(monkeypatch):
         hub_revision="a" * 40,  # a commit, not a key
         hub_model_id=f"me/model-{env_secret}",
         eos_token="'</s>'",
+        model_init_kwargs="{api_key: plain, name: x}",
     )
-    text = text.replace(
-        "preset:tiny\n",
-        f"preset:tiny\n  config_overrides: {{api_key: plain, name: x}}\n  tokenizer: {HF_TOKEN}\n",
-    )
+    text = text.replace("preset:tiny\n", f"preset:tiny\n  tokenizer: {HF_TOKEN}\n")
     text += f"logging:\n  group: {WANDB_KEY}\n  tags: [ok, 'url-with-{HF_TOKEN}']\n"
     recipe = load(text)
     out = recipe_to_dict(recipe)
     assert out["training"]["hub_token"] == "***"
-    assert out["model"]["config_overrides"] == {"api_key": "***", "name": "x"}
+    assert out["training"]["model_init_kwargs"] == {"api_key": "***", "name": "x"}
     assert out["model"]["tokenizer"] == "***" and out["logging"]["group"] == "***"
     assert out["logging"]["tags"] == ["ok", "url-with-***"]
     assert out["training"]["hub_model_id"] == "me/model-***"
     assert out["training"]["hub_revision"] == "a" * 40 and out["training"]["eos_token"] == "</s>"
     # the recipe itself keeps what the run needs
-    assert recipe.training.hub_token == HF_TOKEN and recipe.model.config_overrides["api_key"] == "plain"
+    assert recipe.training.hub_token == HF_TOKEN and recipe.training.model_init_kwargs["api_key"] == "plain"
     written = save_resolved_recipe(recipe, "out/resolved.yaml").read_text()
     for secret in (HF_TOKEN, WANDB_KEY, env_secret, "plain"):
         assert secret not in written
@@ -674,3 +672,17 @@ def test_repo_yaml_files_load(path, monkeypatch):
                 raise
             overrides.append(stand_ins[missing[0]])
     assert yaml.safe_load(json.dumps(recipe_to_dict(recipe)))["stage"] == recipe.stage
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        # YAML reads `{hidden_size:64}` (no space) as one key "hidden_size:64": never silently ignored.
+        (["model.config_overrides={hidden_size:64}"], "model.config_overrides.hidden_size:64: unknown key"),
+        (["model.config_overrides={hiden_size: 64}"], "hidden_size"),
+        (["model.config_overrides={num_experts_per_tok: 9}"], "cannot pick more experts than exist"),
+        (["model.name_or_path=preset:mixtral-9x9b"], "preset:mixtral-8x7b"),
+    ],
+)
+def test_preset_overrides_are_checked(overrides, message):
+    assert message in error(BASE, overrides=overrides)

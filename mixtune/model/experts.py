@@ -43,6 +43,10 @@ class ExpertProjection(nn.Module):
     def weight(self) -> torch.Tensor:
         """(E, out, in) view of this projection inside the stacked parameter."""
         owner, inter = self._owner, self._owner.intermediate_size
+        if owner.gate_up_proj.dim() != 3:
+            # A DeepSpeed ZeRO-3 shard outside a gather is flat: no per-projection view exists, and
+            # what PEFT reads here (device, dtype) is the same for the whole parameter.
+            return owner.down_proj if self.name == "w2" else owner.gate_up_proj
         if self.name == "w1":
             return owner.gate_up_proj[:, :inter]
         if self.name == "w3":

@@ -536,6 +536,22 @@ def _apply_trainer_defaults(
         )
 
 
+def _check_preset(model: Any, where: _Where) -> None:
+    """A known preset, and overrides that are Mixtral config fields (a typo must not pass silently)."""
+    from mixtune.model.config import PRESETS, MixtralConfig
+
+    if model.preset not in PRESETS:
+        raise _choice_error("model.name_or_path", where, [f"preset:{p}" for p in PRESETS], model.name_or_path)
+    valid = {f.name for f in dataclasses.fields(MixtralConfig)} | {"rope_theta"}
+    for key in model.config_overrides:
+        if key not in valid:
+            raise _unknown_key(str(key), valid, "model.config_overrides.", where)
+    try:
+        MixtralConfig.preset(model.preset, **model.config_overrides)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where('model.config_overrides')}: model.config_overrides: {e}") from None
+
+
 def _check_sections(sections: dict[str, Any], stage: Stage, where: _Where) -> None:
     """Impossible combinations and missing paths in mixtune's own sections."""
     model, data, lora, router = (sections[k] for k in ("model", "data", "lora", "router"))
@@ -548,6 +564,8 @@ def _check_sections(sections: dict[str, Any], stage: Stage, where: _Where) -> No
         _require_path(model.name_or_path, "model.name_or_path", where, "model directory", directory=True)
     elif not model.preset:
         raise RecipeError(f"{where('model.name_or_path')}: model.name_or_path: 'preset:' needs a name")
+    else:
+        _check_preset(model, where)
     if model.tokenizer and _looks_local(model.tokenizer):
         _require_path(model.tokenizer, "model.tokenizer", where, "tokenizer path")
     if model.load_in_4bit and not lora.enabled:

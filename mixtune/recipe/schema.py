@@ -94,6 +94,10 @@ class RouterSection:
     balance_coef: float | None = field(default=None, metadata={"ge": 0})  # None: the model config's
     z_loss_coef: float = field(default=0.001, metadata={"ge": 0})
     balance_scope: Literal["global", "sequence"] = "global"
+    # Warn when an expert's share stays under collapse_share x the mean share for collapse_patience
+    # logging steps in a row (see mixtune/train/routing_drift.py).
+    collapse_share: float = field(default=0.25, metadata={"gt": 0})
+    collapse_patience: int = field(default=3, metadata={"ge": 1})
 
 
 @dataclass

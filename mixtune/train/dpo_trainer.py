@@ -14,11 +14,19 @@ from .fused_head import install_fused_head
 from .objective import RouterLossConfig
 from .router_loss import loss_token_mask, router_losses
 from .router_metrics import RouterMetrics
+from .routing_drift import RoutingWatch, RoutingWatchCallback, WatchConfig
 from .routing_recorder import RoutingRecorder
 
 
 class MixtuneDPOTrainer(DPOTrainer):
-    def __init__(self, *args, router_cfg: RouterLossConfig, top_k: int, **kwargs):
+    def __init__(
+        self,
+        *args,
+        router_cfg: RouterLossConfig,
+        top_k: int,
+        router_watch: WatchConfig | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         # mixtune adds its own per-layer router losses below; TRL's pooled aux loss would double them.
         self.aux_loss_enabled = False
@@ -31,7 +39,10 @@ class MixtuneDPOTrainer(DPOTrainer):
             install_fused_head(self.ref_model)
         self.router_cfg = router_cfg
         self.top_k = top_k
-        self.router_metrics = {"train": RouterMetrics(), "eval": RouterMetrics()}
+        # Training metrics also watch drift from the starting routing and collapsing experts.
+        watch = RoutingWatch(router_watch)
+        self.router_metrics = {"train": RouterMetrics(watch), "eval": RouterMetrics()}
+        self.add_callback(RoutingWatchCallback(watch))
         self.routing = RoutingRecorder(self.model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

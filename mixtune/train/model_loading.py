@@ -7,23 +7,40 @@ from pathlib import Path
 
 import torch
 
+from mixtune.distributed import initialize_partitioned, partitioned_init, zero3_enabled
 from mixtune.model import MixtralConfig, MixtralForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_base_model(model_section) -> MixtralForCausalLM:
-    """Build or load the model, quantised to 4-bit with `load_in_4bit` (adapters come after)."""
+    """Build or load the model, quantised to 4-bit with `load_in_4bit` (adapters come after).
+
+    Under DeepSpeed ZeRO-3 the model is built partitioned across ranks (mixtune.distributed), in
+    DeepSpeed's dtype, with the same weights a one-process build gets.
+    """
     dtype = DTYPES[model_section.dtype]
+    zero3 = zero3_enabled()
+    if zero3 and model_section.load_in_4bit:
+        raise ValueError(
+            "model.load_in_4bit does not run under DeepSpeed ZeRO-3 (4-bit weights cannot be partitioned); "
+            "launch QLoRA with configs/single_gpu.yaml or configs/multi_gpu.yaml"
+        )
     if model_section.preset is not None:
         config = MixtralConfig.preset(model_section.preset, **model_section.config_overrides)
         # A preset is a random init: seeded, so the same recipe always starts from the same weights.
         with torch.random.fork_rng():
             torch.manual_seed(model_section.init_seed)
-            model = MixtralForCausalLM(config)
+            if zero3:
+                with partitioned_init():
+                    model = MixtralForCausalLM(config)
+                initialize_partitioned(model)
+            else:
+                model = MixtralForCausalLM(config)
         # Both names: PEFT records `name_or_path` as the adapter's base_model_name_or_path.
         model.config.name_or_path = model.name_or_path = model_section.name_or_path
-        model = model.to(dtype)
+        if not zero3:  # partitioned weights already have the dtype DeepSpeed trains in
+            model = model.to(dtype)
     else:
         model = MixtralForCausalLM.from_pretrained(Path(model_section.name_or_path), dtype=dtype)
         model.config.name_or_path = model.name_or_path = str(model_section.name_or_path)

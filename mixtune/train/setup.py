@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
+from mixtune.distributed import register_moe_leaves, zero3_enabled, zero3_summary
 from mixtune.lora import apply_lora, load_adapter, make_lora_config, set_router_trainable
 from mixtune.recipe import save_resolved_recipe
 from mixtune.tokenizer import load_tokenizer, save_tokenizer
@@ -21,6 +22,7 @@ from mixtune.tokenizer import load_tokenizer, save_tokenizer
 from .callbacks import ConsoleProgressCallback, MetricsFileCallback
 from .model_loading import load_base_model, tokenizer_source
 from .objective import RouterLossConfig
+from .routing_drift import WatchConfig
 from .tracking import start_wandb
 
 
@@ -53,17 +55,30 @@ def router_loss_config(recipe, model) -> RouterLossConfig:
     )
 
 
+def router_watch_config(recipe) -> WatchConfig:
+    """Collapse thresholds from the recipe's router section."""
+    return WatchConfig(
+        collapse_share=recipe.router.collapse_share, collapse_patience=recipe.router.collapse_patience
+    )
+
+
 def build_model(recipe):
-    """Base model, then adapters per the recipe (fresh LoRA, or continue a saved adapter)."""
+    """Base model, then adapters per the recipe (fresh LoRA, or continue a saved adapter).
+
+    Under DeepSpeed ZeRO-3 the MoE blocks become ZeRO-3 leaves here, before any engine exists.
+    """
     model = load_base_model(recipe.model)
     lora = recipe.lora
     if not lora.enabled:
         set_router_trainable(model, recipe.router.policy)
-        return model
-    if lora.init_from:
-        return load_adapter(model, lora.init_from, is_trainable=True)
-    config = make_lora_config(lora.targets, lora.r, lora.alpha, lora.dropout, recipe.router.policy)
-    return apply_lora(model, config)
+    elif lora.init_from:
+        model = load_adapter(model, lora.init_from, is_trainable=True)
+    else:
+        config = make_lora_config(lora.targets, lora.r, lora.alpha, lora.dropout, recipe.router.policy)
+        model = apply_lora(model, config)
+    if zero3_enabled():
+        register_moe_leaves(model)
+    return model
 
 
 def build_run(recipe, build_datasets) -> Run:
@@ -87,8 +102,9 @@ def use_compact_console(trainer) -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    # A ZeRO-3 partitioned parameter is an empty local tensor; `ds_numel` is its full size.
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def summary(run: Run, extra: dict[str, str] | None = None) -> str:
@@ -124,6 +140,8 @@ def summary(run: Run, extra: dict[str, str] | None = None) -> str:
     lines += ["  " + line for line in run.data_report.summary().splitlines()]
     for key, value in (extra or {}).items():
         lines.append(f"  {key:<10} {value}")
+    if zero3_enabled():
+        lines.append(f"  {'zero3':<10} {zero3_summary(model)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     lines.append(
         f"  training   {world} process(es), device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
