@@ -2,8 +2,8 @@
 
 ZeRO-3 is switched on by the launch, not by the recipe: `accelerate launch --config_file
 configs/zero3.yaml ...` makes TrainingArguments (built when the recipe loads) register DeepSpeed's
-config with transformers, and `is_deepspeed_zero3_enabled()` reads it from there. Everything here
-is a no-op otherwise, and deepspeed is imported only when ZeRO-3 is on.
+config with transformers, and `is_deepspeed_zero3_enabled()` reads it from there. Nothing else
+here runs otherwise, and deepspeed is imported only when ZeRO-3 is on.
 
 Three things mixtune does itself, because its model is its own (see docs/distributed.md):
 - build models inside `deepspeed.zero.Init`, so each rank only ever keeps its shard; a preset's
@@ -71,9 +71,10 @@ def partitioned_init(skip_init: bool = False) -> Iterator[None]:
 def initialize_partitioned(model: nn.Module) -> None:
     """Run the model's own weight init again on gathered weights, on rank 0, then share the result.
 
-    Inside zero.Init, `post_init` runs on the empty local shards and draws nothing from the random
-    generator, which is then where one process's `post_init` starts drawing: repeating the same
-    init, module by module in the same order, gives the same weights as a one-process build.
+    Inside zero.Init each module is built whole and then partitioned, so construction draws from
+    the random generator exactly as in one process; `post_init` then runs on the empty local
+    shards and draws nothing. Repeating that init here, module by module in the same order, starts
+    from the generator state one process's `post_init` starts from, and gives the same weights.
     """
     from transformers.integrations.deepspeed import initialize_weights_zero3
 
