@@ -9,6 +9,7 @@ in another form (4-bit, see mixtune.quant) take the loop, each expert applying i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -21,14 +22,19 @@ class RoutingPlan:
     """The (T*K) token-expert pairs sorted by expert.
 
     token_index: (N,) source token of each sorted row; weights: (N,) its routing weight;
-    group_sizes: rows per expert (host ints, for the loop path); offsets: (E,) int32 cumulative
-    ends (for `torch._grouped_mm`, which needs no host sync).
+    counts: (E,) rows per expert; offsets: (E,) int32 cumulative ends, all on the device, so
+    `torch._grouped_mm` runs without a host sync. `group_sizes` (host ints) is read, and the
+    device synchronised, only when a loop over the groups needs it.
     """
 
     token_index: torch.Tensor
     weights: torch.Tensor
-    group_sizes: list[int]
+    counts: torch.Tensor
     offsets: torch.Tensor
+
+    @cached_property
+    def group_sizes(self) -> list[int]:
+        return self.counts.tolist()
 
 
 def plan_routing(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
@@ -36,11 +42,13 @@ def plan_routing(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_expe
     flat_ids = expert_ids_TK.reshape(-1)
     order = flat_ids.argsort(stable=True)
     top_k = expert_ids_TK.shape[1]
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    # index_add rather than bincount: bincount sizes its output from the data (a host sync on GPUs).
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_ids.device)
+    counts.index_add_(0, flat_ids, torch.ones_like(flat_ids))
     return RoutingPlan(
         token_index=order // top_k,
         weights=weights_TK.reshape(-1)[order],
-        group_sizes=counts.tolist(),
+        counts=counts,
         offsets=counts.cumsum(0).to(torch.int32),
     )
 
