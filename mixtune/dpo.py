@@ -20,6 +20,7 @@ from mixtune.train.setup import (
     save_outputs,
     shutdown,
     summary,
+    train,
     use_compact_console,
 )
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         router_cfg=router_loss_config(recipe, run.model),
         router_watch=router_watch_config(recipe),
         top_k=run.model.config.num_experts_per_tok,
+        recipe=recipe,
     )
     use_compact_console(trainer)
     if trainer.accelerator.is_main_process:
@@ -61,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             "reference": reference_description(recipe),
         }
         print(summary(run, extra), flush=True)
-    trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
-    output_dir = save_outputs(trainer, run)
-    if trainer.accelerator.is_main_process:
-        print(f"saved to {output_dir}", flush=True)
+    code = train(trainer, recipe)
+    if code == 0:
+        output_dir = save_outputs(trainer, run)
+        if trainer.accelerator.is_main_process:
+            print(f"saved to {output_dir}", flush=True)
     shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -686,3 +686,8 @@ def test_repo_yaml_files_load(path, monkeypatch):
 )
 def test_preset_overrides_are_checked(overrides, message):
     assert message in error(BASE, overrides=overrides)
+
+
+def test_resume_true_means_the_latest_checkpoint():
+    recipe = load(BASE, overrides=["training.resume_from_checkpoint=true"])
+    assert recipe.training.resume_from_checkpoint == "latest"

@@ -449,6 +449,8 @@ def _build_training(raw: LocatedDict, stage: Stage, sections: dict[str, Any], wh
     for name, value in (given or {}).items():
         if name not in fields:
             raise _unknown_key(str(name), fields, "training.", where)
+        if name == "resume_from_checkpoint" and value is True:
+            value = "latest"  # the Trainer's own boolean spelling of "the newest checkpoint"
         kwargs[name] = coerce(value, hints[name], f"training.{name}", where)
         choices = fields[name].metadata.get("choices")
         if choices and isinstance(kwargs[name], str) and kwargs[name] not in choices:

@@ -113,6 +113,23 @@ class LoggingSection:
 
 
 @dataclass
+class ReliabilitySection:
+    """What a run does about faults (docs/reliability.md).
+
+    on_nonfinite: a step whose loss or gradient is NaN or Inf never reaches the optimizer; `stop`
+        ends the run naming the step and its samples, `skip` drops the step's update and counts it
+        (not available under DeepSpeed, whose engine steps inside backward).
+    max_nonfinite_skips: with `skip`, the run stops once more steps than this were skipped.
+    allow_recipe_changes: dotted keys (`data.train`, `lora`) that a resume may change although the
+        change alters what the checkpoint means; without them such a resume is refused.
+    """
+
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = field(default=10, metadata={"ge": 0})
+    allow_recipe_changes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Recipe:
     """A loaded, validated recipe for one stage.
 
@@ -127,6 +144,7 @@ class Recipe:
     lora: LoraSection = field(default_factory=LoraSection)
     router: RouterSection = field(default_factory=RouterSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    reliability: ReliabilitySection = field(default_factory=ReliabilitySection)
     source: Path | None = None
 
 
@@ -137,5 +155,6 @@ SECTIONS: dict[str, type] = {
     "lora": LoraSection,
     "router": RouterSection,
     "logging": LoggingSection,
+    "reliability": ReliabilitySection,
 }
-TOP_LEVEL_KEYS = ("stage", "model", "data", "training", "lora", "router", "logging")
+TOP_LEVEL_KEYS = ("stage", "model", "data", "training", "lora", "router", "logging", "reliability")

@@ -87,8 +87,26 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
     Loading it back with `load_recipe` gives the same recipe, apart from redacted values.
     """
-    sections = ("model", "data", "training", "lora", "router", "logging")
+    sections = ("model", "data", "training", "lora", "router", "logging", "reliability")
     return redact({"stage": recipe.stage, **{name: _plain(getattr(recipe, name)) for name in sections}})
+
+
+def keep_hub_token_out_of_args(args: Any) -> None:
+    """Take `hub_token` out of the trainer arguments, which the Trainer pickles into every checkpoint.
+
+    `training_args.bin` is a pickle of the whole TrainingArguments, token included, written with
+    every checkpoint and the final model and, with push_to_hub, uploaded with them. Redacting that
+    one file would still leave the token in the live arguments that everything else reads, so the
+    token leaves them: with push_to_hub it goes to the process environment as HF_TOKEN, where
+    huggingface_hub finds it whenever no token is passed (and where `redact` finds it too); without
+    push_to_hub nothing needs it, and it is dropped.
+    """
+    token = getattr(args, "hub_token", None)
+    if not token:
+        return
+    if getattr(args, "push_to_hub", False):
+        os.environ["HF_TOKEN"] = token
+    args.hub_token = None
 
 
 class _Dumper(yaml.SafeDumper):

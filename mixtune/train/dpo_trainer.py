@@ -11,25 +11,18 @@ from __future__ import annotations
 from trl import DPOTrainer
 
 from .fused_head import install_fused_head
-from .objective import RouterLossConfig
 from .router_loss import loss_token_mask, router_losses
-from .router_metrics import RouterMetrics
-from .routing_drift import RoutingWatch, RoutingWatchCallback, WatchConfig
 from .routing_recorder import RoutingRecorder
+from .trainer_base import PROVENANCE, MixtuneTrainerMixin
 
 
-class MixtuneDPOTrainer(DPOTrainer):
-    def __init__(
-        self,
-        *args,
-        router_cfg: RouterLossConfig,
-        top_k: int,
-        router_watch: WatchConfig | None = None,
-        **kwargs,
-    ):
+class MixtuneDPOTrainer(MixtuneTrainerMixin, DPOTrainer):
+    """DPO with router losses on the policy pass; router metrics, checkpoints, resume and the NaN/Inf
+    guard come from mixtune.train.trainer_base (constructor: DPOTrainer's arguments plus its keywords).
+    """
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # mixtune adds its own per-layer router losses below; TRL's pooled aux loss would double them.
-        self.aux_loss_enabled = False
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         needed = ("log_probs", "entropy", "mean_logits", "is_top1") + (
             ("log_sum_sq_probs",) if self.use_weighting else ()
@@ -37,12 +30,6 @@ class MixtuneDPOTrainer(DPOTrainer):
         install_fused_head(base, needed)
         if self.ref_model is not None:
             install_fused_head(self.ref_model)
-        self.router_cfg = router_cfg
-        self.top_k = top_k
-        # Training metrics also watch drift from the starting routing and collapsing experts.
-        watch = RoutingWatch(router_watch)
-        self.router_metrics = {"train": RouterMetrics(watch), "eval": RouterMetrics()}
-        self.add_callback(RoutingWatchCallback(watch))
         self.routing = RoutingRecorder(self.model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -70,9 +57,9 @@ class MixtuneDPOTrainer(DPOTrainer):
                 + self.router_cfg.balance_coef * router.balance
                 + self.router_cfg.z_loss_coef * router.z_loss
             )
+            self.guard_loss(loss)
         return (loss, outputs) if return_outputs else loss
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        logs.update(self.router_metrics[mode].compute("router" if mode == "train" else "eval_router"))
-        super().log(logs, start_time)
+    def compute_ref_log_probs(self, model, inputs):
+        # Provenance is for messages, not a model input (TRL passes the rest of the batch on).
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != PROVENANCE})

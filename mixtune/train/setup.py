@@ -7,6 +7,7 @@ common lives here.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,16 @@ from transformers import set_seed
 
 from mixtune.distributed import register_moe_leaves, zero3_enabled, zero3_summary
 from mixtune.lora import apply_lora, load_adapter, make_lora_config, set_router_trainable
-from mixtune.recipe import save_resolved_recipe
+from mixtune.model.weights import CheckpointError
+from mixtune.recipe import RecipeError, save_resolved_recipe
 from mixtune.tokenizer import load_tokenizer, save_tokenizer
 
 from .callbacks import ConsoleProgressCallback, MetricsFileCallback
 from .model_loading import load_base_model, tokenizer_source
+from .nonfinite import NonFiniteError, refuse_unsupported
 from .objective import RouterLossConfig
 from .routing_drift import WatchConfig
+from .signals import PREEMPTED_EXIT_CODE
 from .tracking import start_wandb
 
 
@@ -72,6 +76,11 @@ def build_model(recipe):
     if not lora.enabled:
         set_router_trainable(model, recipe.router.policy)
     elif lora.init_from:
+        if not (Path(lora.init_from) / "adapter_model.safetensors").is_file():
+            raise CheckpointError(
+                f"{lora.init_from}: no adapter_model.safetensors; mixtune loads adapter weights from "
+                "safetensors only (a pickled adapter_model.bin can run code when loaded)"
+            )
         model = load_adapter(model, lora.init_from, is_trainable=True)
     else:
         config = make_lora_config(lora.targets, lora.r, lora.alpha, lora.dropout, recipe.router.policy)
@@ -83,6 +92,8 @@ def build_model(recipe):
 
 def build_run(recipe, build_datasets) -> Run:
     """Seed, tokenizer, model, data (via `build_datasets(data_section, tokenizer)`), callbacks."""
+    # Refused before minutes of model loading; the trainer checks again for trainers built directly.
+    refuse_unsupported(recipe.reliability.on_nonfinite, _deepspeed_launch(recipe), recipe.source)
     set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(tokenizer_source(recipe.model))
     model = build_model(recipe)
@@ -91,6 +102,26 @@ def build_run(recipe, build_datasets) -> Run:
     callbacks = [MetricsFileCallback(output_dir / recipe.logging.metrics_file)]
     wandb_mode = start_wandb(recipe, is_main_process())
     return Run(recipe, tokenizer, model, train, evaluation, report, callbacks, wandb_mode)
+
+
+def _deepspeed_launch(recipe) -> bool:
+    """Whether this process trains under DeepSpeed (an Accelerate DeepSpeed launch or training.deepspeed)."""
+    return bool(recipe.training.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def train(trainer, recipe) -> int:
+    """Run `trainer.train` as the recipe says; the process exit code.
+
+    0: finished. PREEMPTED_EXIT_CODE: a SIGTERM stopped it at a checkpoint (mixtune.train.signals).
+    A fault mixtune detects (a NaN/Inf step, a damaged checkpoint, a recipe that no longer fits its
+    checkpoint) ends the run with one line that names it: exit 1, or 2 for a recipe problem.
+    """
+    try:
+        trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)
+    except (NonFiniteError, CheckpointError, RecipeError) as e:
+        print(f"mixtune.{recipe.stage}: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, RecipeError) else 1
+    return PREEMPTED_EXIT_CODE if trainer.preempted else 0
 
 
 def use_compact_console(trainer) -> None:

@@ -10,34 +10,19 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
-from .objective import RouterLossConfig, sft_objective
-from .router_metrics import RouterMetrics
-from .routing_drift import RoutingWatch, RoutingWatchCallback, WatchConfig
+from .objective import sft_objective
+from .trainer_base import PROVENANCE, MixtuneTrainerMixin
 
 
-class MixtuneSFTTrainer(SFTTrainer):
-    """SFT whose loss adds the router balance and z-loss, and whose logs carry router metrics."""
+class MixtuneSFTTrainer(MixtuneTrainerMixin, SFTTrainer):
+    """SFT whose loss adds the router balance and z-loss, and whose logs carry router metrics.
+
+    Constructor: SFTTrainer's arguments plus router_cfg, top_k, router_watch, recipe, reliability
+    (mixtune.train.trainer_base, which also holds checkpointing, resume and the NaN/Inf guard).
+    """
 
     # sft_objective divides by the step's token count itself (num_items_in_batch).
     loss_is_scaled_for_ga = True
-
-    def __init__(
-        self,
-        *args,
-        router_cfg: RouterLossConfig,
-        top_k: int,
-        router_watch: WatchConfig | None = None,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        # mixtune computes its own per-layer router losses; TRL's pooled aux loss stays off.
-        self.aux_loss_enabled = False
-        self.router_cfg = router_cfg
-        self.top_k = top_k
-        # Training metrics also watch drift from the starting routing and collapsing experts.
-        watch = RoutingWatch(router_watch)
-        self.router_metrics = {"train": RouterMetrics(watch), "eval": RouterMetrics()}
-        self.add_callback(RoutingWatchCallback(watch))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -63,16 +48,12 @@ class MixtuneSFTTrainer(SFTTrainer):
             batch_tokens = torch.as_tensor(batch_tokens, device=inputs["input_ids"].device)
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(batch_tokens).sum())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            self.guard_loss(objective.loss)
         return (objective.loss, objective) if return_outputs else objective.loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        logs.update(self.router_metrics[mode].compute("router" if mode == "train" else "eval_router"))
-        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # mixtune never materialises full-vocabulary logits, so evaluation reports losses only.
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k != PROVENANCE})
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
