@@ -83,6 +83,8 @@ def run(repeats: int) -> dict:
             sft, dpo = trainers(tmp, pairs, tokenizer, precompute)
             dpo_train = dpo.get_train_dataloader()  # precomputes the reference log-probs when asked
             sft_batch = sft._prepare_inputs(next(iter(sft.get_train_dataloader())))
+            # Set by the Trainer's loop, which this benchmark bypasses to time one step alone.
+            sft.current_gradient_accumulation_steps = dpo.current_gradient_accumulation_steps = 1
             dpo_batch = dpo._prepare_inputs(next(iter(dpo_train)))
             times = interleaved(
                 {

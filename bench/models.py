@@ -1,4 +1,10 @@
-"""The end-to-end pair for B3-B5: mixtune's Mixtral and transformers' on the same weights, with LoRA."""
+"""The end-to-end pair for B3-B5: mixtune's Mixtral and transformers' on the same weights, with LoRA.
+
+The batch is SFT-shaped: 256-token rows whose second half is the assistant's answer, labels on the
+answer only. Each side trains the way it does in practice: mixtune through its SFT objective (LM
+head only where a label is, plus its router losses), transformers through the model's own loss
+with its balance loss on (as TRL turns it on for MoE models).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from transformers import MixtralForCausalLM as HFMixtral
 from bench.common import LORA_RANK, SMALL_MODEL
 from mixtune.lora import apply_lora, make_lora_config
 from mixtune.model import MixtralConfig, MixtralForCausalLM
+from mixtune.train.objective import RouterLossConfig, sft_objective
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -22,6 +29,7 @@ def base_pair(seed: int = 0) -> tuple[MixtralForCausalLM, HFMixtral]:
         ours.save_pretrained(tmp)
         hf = HFMixtral.from_pretrained(tmp)
     hf.config._experts_implementation = "grouped_mm"  # transformers 5's default and fastest on CPU here
+    hf.config.output_router_logits = True
     return ours, hf
 
 
@@ -41,12 +49,20 @@ def hf_lora(model, experts: bool):
 def batch(seed: int = 1) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, SMALL_MODEL["vocab_size"], (4, 256), generator=gen)
-    return {"input_ids": ids, "labels": ids}
+    labels = ids.clone()
+    labels[:, :128] = -100  # the prompt carries no loss
+    return {"input_ids": ids, "labels": labels}
+
+
+ROUTER = RouterLossConfig(balance_coef=0.02, z_loss_coef=0.001)
 
 
 def training_step(model, optimizer, inputs) -> None:
-    """One LoRA step: full-vocabulary LM loss over every position, backward, AdamW."""
-    loss = model(**inputs).loss
+    """One LoRA step through each implementation's training loss, backward, AdamW."""
+    if isinstance(model.get_base_model(), MixtralForCausalLM):
+        loss = sft_objective(model, inputs, ROUTER, SMALL_MODEL["num_experts_per_tok"]).loss
+    else:
+        loss = model(**inputs).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
