@@ -105,7 +105,9 @@ def print_report(before: dict, sft: dict, dpo: dict, result, minutes: float) -> 
     print("  (the SFT model is DPO's reference, so its rewards are 0 by definition)")
 
     print("\nRouter balance per layer over every token of the held-out chats (training balances the answer")
-    print("tokens): largest expert share / mean share (1.00 = even), and the Switch balance loss (2.00 = even)")
+    print(
+        "tokens): largest expert share / mean share (1.00 = even), and the Switch balance loss (2.00 = even)"
+    )
     print(f"  {'layer':<8}{'random init':>16}{'after SFT':>16}{'after DPO':>16}")
     for layer in sft["router"]:
         cells = [m["router"][layer] for m in (before, sft, dpo)]

@@ -68,7 +68,13 @@ def launch_command(spec: PipelineSpec, stage: str, recipe: str, overrides: list[
         launcher = [sys.executable, "-m"]
     else:
         # accelerate's launcher as a module of this interpreter: works without the venv on PATH.
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", spec.accelerate_config]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            spec.accelerate_config,
+        ]
         if spec.num_processes is not None:
             launcher += ["--num_processes", str(spec.num_processes)]
         launcher.append("-m")
