@@ -13,16 +13,7 @@ import sys
 from mixtune.data import build_preference_datasets
 from mixtune.recipe import recipe_from_argv
 from mixtune.train.dpo_trainer import MixtuneDPOTrainer
-from mixtune.train.setup import (
-    build_run,
-    router_loss_config,
-    router_watch_config,
-    save_outputs,
-    shutdown,
-    summary,
-    train,
-    use_compact_console,
-)
+from mixtune.train.setup import build_run, build_trainer, summary, train_and_save
 
 
 def reference_description(recipe) -> str:
@@ -43,33 +34,14 @@ def reference_description(recipe) -> str:
 def main(argv: list[str] | None = None) -> int:
     recipe = recipe_from_argv("dpo", argv)
     run = build_run(recipe, build_preference_datasets)
-    trainer = MixtuneDPOTrainer(
-        model=run.model,
-        args=recipe.training,
-        train_dataset=run.train_dataset,
-        eval_dataset=run.eval_dataset,
-        processing_class=run.tokenizer,
-        callbacks=run.callbacks,
-        router_cfg=router_loss_config(recipe, run.model),
-        router_watch=router_watch_config(recipe),
-        top_k=run.model.config.num_experts_per_tok,
-        recipe=recipe,
-    )
-    use_compact_console(trainer)
-    if trainer.accelerator.is_main_process:
-        losses = ", ".join(recipe.training.loss_type)
-        extra = {
-            "dpo": f"loss {losses}, beta {recipe.training.beta}, label smoothing {recipe.training.label_smoothing}",
-            "reference": reference_description(recipe),
-        }
-        print(summary(run, extra), flush=True)
-    code = train(trainer, recipe)
-    if code == 0:
-        output_dir = save_outputs(trainer, run)
-        if trainer.accelerator.is_main_process:
-            print(f"saved to {output_dir}", flush=True)
-    shutdown()
-    return code
+    trainer = build_trainer(MixtuneDPOTrainer, run)
+    training = recipe.training
+    extra = {
+        "dpo": f"loss {', '.join(training.loss_type)}, beta {training.beta}, "
+        f"label smoothing {training.label_smoothing}",
+        "reference": reference_description(recipe),
+    }
+    return train_and_save(trainer, run, summary(run, extra))
 
 
 if __name__ == "__main__":

@@ -9,44 +9,15 @@ import sys
 
 from mixtune.data import build_sft_datasets
 from mixtune.recipe import recipe_from_argv
-from mixtune.train.setup import (
-    build_run,
-    router_loss_config,
-    router_watch_config,
-    save_outputs,
-    shutdown,
-    summary,
-    train,
-    use_compact_console,
-)
+from mixtune.train.setup import build_run, build_trainer, summary, train_and_save
 from mixtune.train.sft_trainer import MixtuneSFTTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
     recipe = recipe_from_argv("sft", argv)
     run = build_run(recipe, build_sft_datasets)
-    trainer = MixtuneSFTTrainer(
-        model=run.model,
-        args=recipe.training,
-        train_dataset=run.train_dataset,
-        eval_dataset=run.eval_dataset,
-        processing_class=run.tokenizer,
-        callbacks=run.callbacks,
-        router_cfg=router_loss_config(recipe, run.model),
-        router_watch=router_watch_config(recipe),
-        top_k=run.model.config.num_experts_per_tok,
-        recipe=recipe,
-    )
-    use_compact_console(trainer)
-    if trainer.accelerator.is_main_process:
-        print(summary(run), flush=True)
-    code = train(trainer, recipe)
-    if code == 0:
-        output_dir = save_outputs(trainer, run)
-        if trainer.accelerator.is_main_process:
-            print(f"saved to {output_dir}", flush=True)
-    shutdown()
-    return code
+    trainer = build_trainer(MixtuneSFTTrainer, run)
+    return train_and_save(trainer, run, summary(run))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from mixtune.train.dpo_trainer import MixtuneDPOTrainer
 from mixtune.train.model_loading import load_base_model, stage_model_section
 from mixtune.train.nonfinite import NonFiniteError, NonFiniteGuard, refuse_unsupported
 from mixtune.train.resume import check_recipe, recipe_changes, resolve_checkpoint
-from mixtune.train.setup import build_run, router_loss_config, router_watch_config
+from mixtune.train.setup import build_run, build_trainer
 from mixtune.train.sft_trainer import MixtuneSFTTrainer
 from mixtune.train.signals import PREEMPTED_EXIT_CODE
 from mixtune.train.trainer_base import MixtuneTrainerMixin
@@ -321,7 +321,7 @@ def test_r4_same_size_corruption_of_a_torch_file_is_caught(tmp_path, straight_lo
 # --- R5: NaN/Inf never reaches the optimizer ---------------------------------------------------------------
 
 
-def build_trainer(stage: str, base: list[str], out: Path, *extra: str, tokenizer_hook=None):
+def make_trainer(stage: str, base: list[str], out: Path, *extra: str, tokenizer_hook=None):
     """What the entry point builds, kept in hand so a test can inject faults and look inside."""
     with in_repo():
         recipe = load_recipe(base[0], stage, [*base[1:], f"training.output_dir={out}", *extra])
@@ -329,17 +329,7 @@ def build_trainer(stage: str, base: list[str], out: Path, *extra: str, tokenizer
         if tokenizer_hook is not None:
             tokenizer_hook(run.tokenizer)
         cls = MixtuneSFTTrainer if stage == "sft" else MixtuneDPOTrainer
-        return cls(
-            model=run.model,
-            args=recipe.training,
-            train_dataset=run.train_dataset,
-            processing_class=run.tokenizer,
-            callbacks=run.callbacks,
-            router_cfg=router_loss_config(recipe, run.model),
-            router_watch=router_watch_config(recipe),
-            top_k=run.model.config.num_experts_per_tok,
-            recipe=recipe,
-        )
+        return build_trainer(cls, run, eval_dataset=False)
 
 
 class Snapshots(TrainerCallback):
@@ -384,7 +374,7 @@ def inject(trainer, snapshots, step: int, where: str) -> None:
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_r5_nan_loss_stops_naming_step_and_samples_before_the_update(tmp_path, sft_dir, stage):
     base = SFT_LORA if stage == "sft" else [*DPO_LORA, f"model.name_or_path={sft_dir}"]
-    trainer = build_trainer(stage, base, tmp_path / "out")
+    trainer = make_trainer(stage, base, tmp_path / "out")
     snapshots = Snapshots(trainer)
     trainer.add_callback(snapshots)
     inject(trainer, snapshots, 3, "loss")
@@ -400,7 +390,7 @@ def test_r5_nan_loss_stops_naming_step_and_samples_before_the_update(tmp_path, s
 
 @pytest.mark.slow
 def test_r5_skip_leaves_parameters_and_optimizer_state_untouched(tmp_path):
-    trainer = build_trainer("sft", SFT_LORA, tmp_path / "out", "reliability.on_nonfinite=skip")
+    trainer = make_trainer("sft", SFT_LORA, tmp_path / "out", "reliability.on_nonfinite=skip")
     snapshots = Snapshots(trainer)
     trainer.add_callback(snapshots)
     inject(trainer, snapshots, 3, "gradient")
@@ -419,7 +409,7 @@ def test_r5_skip_leaves_parameters_and_optimizer_state_untouched(tmp_path):
 @pytest.mark.slow
 def test_r5_skips_over_the_limit_stop_the_run(tmp_path):
     extra = ("reliability.on_nonfinite=skip", "reliability.max_nonfinite_skips=0")
-    trainer = build_trainer("sft", SFT_LORA, tmp_path / "out", *extra)
+    trainer = make_trainer("sft", SFT_LORA, tmp_path / "out", *extra)
     snapshots = Snapshots(trainer)
     trainer.add_callback(snapshots)
     inject(trainer, snapshots, 2, "gradient")
@@ -715,7 +705,7 @@ def collated(trainer, n: int = 6) -> dict:
 
 @pytest.mark.slow
 def test_one_bos_and_a_labelled_eos_after_every_assistant_turn_through_the_sft_collator(tmp_path):
-    trainer = build_trainer("sft", SFT_LORA, tmp_path / "out")
+    trainer = make_trainer("sft", SFT_LORA, tmp_path / "out")
     tok, batch = trainer.processing_class, collated(trainer)
     assert batch["where"] and trainer.data_collator.collator.pad_token_id == 0 != tok.eos_token_id
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
@@ -728,7 +718,7 @@ def test_one_bos_and_a_labelled_eos_after_every_assistant_turn_through_the_sft_c
 
 @pytest.mark.slow
 def test_one_bos_and_eos_ending_each_reply_through_the_dpo_collator(tmp_path, sft_dir):
-    trainer = build_trainer("dpo", [*DPO_LORA, f"model.name_or_path={sft_dir}"], tmp_path / "out")
+    trainer = make_trainer("dpo", [*DPO_LORA, f"model.name_or_path={sft_dir}"], tmp_path / "out")
     tok, batch = trainer.processing_class, collated(trainer)
     for ids, completion, mask in zip(
         batch["input_ids"], batch["completion_mask"], batch["attention_mask"], strict=True
@@ -742,10 +732,10 @@ def test_one_bos_and_eos_ending_each_reply_through_the_dpo_collator(tmp_path, sf
 def test_padding_with_eos_is_refused(tmp_path, sft_dir):
     message = "training.pad_token: padding with the EOS token"
     with pytest.raises(RecipeError, match=message):  # SFT takes its pad token from the recipe
-        build_trainer("sft", SFT_LORA, tmp_path / "a", "training.pad_token=</s>")
+        make_trainer("sft", SFT_LORA, tmp_path / "a", "training.pad_token=</s>")
     with pytest.raises(RecipeError, match=message):  # DPO from the tokenizer
         base = [*DPO_LORA, f"model.name_or_path={sft_dir}"]
-        build_trainer("dpo", base, tmp_path / "b", tokenizer_hook=lambda t: setattr(t, "pad_token", "</s>"))
+        make_trainer("dpo", base, tmp_path / "b", tokenizer_hook=lambda t: setattr(t, "pad_token", "</s>"))
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

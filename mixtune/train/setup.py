@@ -203,3 +203,35 @@ def shutdown() -> None:
         pass
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def build_trainer(trainer_cls, run: Run, eval_dataset: bool = True):
+    """The stage's trainer (MixtuneSFTTrainer or MixtuneDPOTrainer) on the run, with mixtune's arguments."""
+    recipe = run.recipe
+    trainer = trainer_cls(
+        model=run.model,
+        args=recipe.training,
+        train_dataset=run.train_dataset,
+        eval_dataset=run.eval_dataset if eval_dataset else None,
+        processing_class=run.tokenizer,
+        callbacks=run.callbacks,
+        router_cfg=router_loss_config(recipe, run.model),
+        router_watch=router_watch_config(recipe),
+        top_k=run.model.config.num_experts_per_tok,
+        recipe=recipe,
+    )
+    use_compact_console(trainer)
+    return trainer
+
+
+def train_and_save(trainer, run: Run, banner: str) -> int:
+    """Print the banner, train, save the outputs when training finished, close down: the exit code."""
+    if trainer.accelerator.is_main_process:
+        print(banner, flush=True)
+    code = train(trainer, run.recipe)
+    if code == 0:
+        output_dir = save_outputs(trainer, run)
+        if trainer.accelerator.is_main_process:
+            print(f"saved to {output_dir}", flush=True)
+    shutdown()
+    return code
