@@ -72,13 +72,14 @@ def assert_same_losses(two: list[float], one: list[float]) -> None:
 
 def assert_same_weights(two: dict[str, torch.Tensor], one: dict[str, torch.Tensor]) -> None:
     """Equal up to what Adam does with float rounding: it can turn a rounding difference in a
-    near-zero gradient into an lr-sized step, on a handful of elements (measured: at most 8e-5 on
-    0.1-sized weights). A shard gathered wrongly, or not at all, differs almost everywhere."""
+    near-zero gradient into an lr-sized step, on a few elements (measured: at most 8e-5 on 0.1-sized
+    weights, and 0.4% of one matrix's elements past 1e-5 on a busy machine). A shard gathered
+    wrongly, or not at all, differs almost everywhere."""
     assert two.keys() == one.keys()
     for key in two:
         assert two[key].shape == one[key].shape, key
         diff = (two[key] - one[key]).abs()
-        assert diff.max() < 1e-2 and (diff > 1e-5).float().mean() < 1e-3, (key, diff.max())
+        assert diff.max() < 1e-2 and (diff > 1e-4).float().mean() < 1e-2, (key, diff.max())
 
 
 @pytest.fixture(autouse=True)

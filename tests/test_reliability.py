@@ -85,6 +85,16 @@ ENV = {
 # --- running stages and reading what they wrote ---------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Runs in this process and in subprocesses (OMP_NUM_THREADS=1) use the same thread count, so
+    their float reductions happen in the same order and results compare bitwise."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @contextmanager
 def in_repo():
     with pytest.MonkeyPatch.context() as mp:
