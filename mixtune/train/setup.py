@@ -202,6 +202,10 @@ def shutdown() -> None:
     except ImportError:
         pass
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # All ranks reach this point before any tears down: rank 0 hosts the rendezvous store, and
+        # a rank whose gloo threads still talk to it when it goes aborts at exit (seen as
+        # "terminate called without an active exception" after a finished run).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
