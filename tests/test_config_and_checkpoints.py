@@ -29,6 +29,18 @@ def test_impossible_configs_say_why(overrides, message):
         tiny_config(**overrides)
 
 
+def test_whole_numbers_are_taken_for_float_fields(tmp_path):
+    # `router.balance_coef=0` reached the config as the int 0 (TRL copies it in) and transformers'
+    # strict config refused it from deep inside huggingface_hub.
+    config = tiny_config(router_aux_loss_coef=0, rms_norm_eps=1)
+    config.router_aux_loss_coef = 0  # as SFTTrainer assigns args.router_aux_loss_coef
+    assert (config.router_aux_loss_coef, config.rms_norm_eps) == (0.0, 1.0)
+    assert type(config.router_aux_loss_coef) is float and type(config.rms_norm_eps) is float
+    raw = {**config.to_dict(), "router_aux_loss_coef": 0}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert MixtralConfig.from_pretrained(tmp_path).router_aux_loss_coef == 0.0
+
+
 def test_presets_and_config_json_round_trip(tmp_path):
     big = MixtralConfig.preset("mixtral-8x7b")
     assert (big.hidden_size, big.intermediate_size, big.num_local_experts, big.num_experts_per_tok) == (

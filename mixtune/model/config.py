@@ -6,6 +6,7 @@ every config mixtune writes loads in transformers' `MixtralForCausalLM`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from transformers import MixtralConfig as _HFMixtralConfig
@@ -64,8 +65,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Fields transformers types as plain float. Its configs check types strictly, and refuse the int that
+# `router_aux_loss_coef: 0` becomes in YAML or JSON (or a trainer copies in) deep inside huggingface_hub.
+_FLOAT_FIELDS = frozenset(f.name for f in dataclasses.fields(_HFMixtralConfig) if f.type is float)
+
+
 class MixtralConfig(_HFMixtralConfig):
     """A Mixtral config.json, refused early when its shapes cannot make a model."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if type(value) is int and name in _FLOAT_FIELDS:
+            value = float(value)  # a whole number where a float belongs: 0 means 0.0
+        super().__setattr__(name, value)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -339,7 +339,7 @@ def coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
         number = _parse_number(value) if isinstance(value, str) else value
         if isinstance(number, int | float) and not isinstance(number, bool):
             if tp is float:
-                return float(number)  # `coef: 0` is 0.0: configs downstream check types strictly
+                return number
             if float(number).is_integer():  # `max_steps: 1e3` means 1000
                 return int(number)
     elif tp is str:
