@@ -5,6 +5,7 @@ as a user types it (fp32, gloo), each with a hard timeout (tests/distributed/lau
 - SFT and DPO run to completion, with the MoE blocks registered as ZeRO-3 leaves;
 - 2 processes x 4 sequences give the losses of 1 process x 8 (same seed, same data order), and
   save the same full model and the same adapter, gathered from the shards;
+- a run saved and resumed under ZeRO-3 continues as the uninterrupted run;
 - ranks whose tokens go to different experts finish (R7), also with per-expert modules;
 - a rank that raises ends the whole launch, non-zero, naming that rank;
 - the pipeline merges and exports from ZeRO-3 stages.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -238,6 +240,35 @@ def test_dpo_under_zero3_continues_the_adapter_and_saves_it_gathered(zero3_sft, 
         for adapter in (two, sft_adapter)
     ]
     assert torch.isfinite(logits[0]).all() and (logits[0] - logits[1]).abs().max() > 1e-6
+
+
+@launched
+def test_zero3_resume_continues_as_the_uninterrupted_run(runs):
+    """A ZeRO-3 run saved at step 3 and resumed (partitioned weights, optimizer state, RNG per rank)
+    gives the losses and final weights of the same run left alone to step 6."""
+    run = [SMALL, *QUIET, "training.max_steps=6", "training.warmup_steps=0", GLOO]
+    run += ["training.save_strategy=steps", "training.save_steps=3", "training.per_device_train_batch_size=4"]
+    straight = runs / "resume_straight"
+    succeeded(launch("-m", "mixtune.sft", "recipes/tiny/sft.yaml", f"training.output_dir={straight}", *run))
+    resumed = runs / "resume_resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")  # as if stopped after step 3
+    args = [
+        "recipes/tiny/sft.yaml",
+        f"training.output_dir={resumed}",
+        *run,
+        "training.resume_from_checkpoint=latest",
+    ]
+    succeeded(launch("-m", "mixtune.sft", *args))
+
+    def by_step(out: Path) -> dict[int, float]:
+        return {row["step"]: row["loss"] for row in metrics(out) if "loss" in row}
+
+    after = by_step(resumed)
+    assert sorted(after) == [4, 5, 6], after
+    assert after == pytest.approx({step: by_step(straight)[step] for step in after}, rel=1e-5)
+    two, one = (load_file(d / "model.safetensors") for d in (resumed, straight))
+    assert_same_weights(two, one)
 
 
 @launched
