@@ -8,6 +8,7 @@ as a user types it (fp32, gloo), each with a hard timeout (tests/distributed/lau
 - a run saved and resumed under ZeRO-3 continues as the uninterrupted run;
 - ranks whose tokens go to different experts finish (R7), also with per-expert modules;
 - a rank that raises ends the whole launch, non-zero, naming that rank;
+- a NaN gradient behind a finite loss stops the run (DeepSpeed steps inside its engine);
 - the pipeline merges and exports from ZeRO-3 stages.
 """
 
@@ -300,6 +301,20 @@ def test_a_failing_rank_ends_the_launch_and_is_named(runs):
     assert "RuntimeError: injected failure on rank 1 after step 1" in result.output
     root_cause = result.output.split("Root Cause (first observed failure):")[-1]
     assert "rank      : 1 (local_rank: 1)" in root_cause, result.output[-4000:]
+
+
+@launched
+def test_a_nan_gradient_behind_a_finite_loss_stops_a_zero3_run(runs):
+    """DeepSpeed applies updates inside its engine, past mixtune's pre-step check; the guard reads
+    the engine's gradient norm after the step instead, and stops the run naming the step."""
+    out = runs / "nan_gradient"
+    args = ["recipes/tiny/sft.yaml", f"training.output_dir={out}", SMALL, *QUIET, GLOO]
+    args += ["training.max_steps=4", "training.per_device_train_batch_size=4"]
+    result = launch("-m", "tests.distributed.nan_gradient", *args, timeout=180)
+    assert result.returncode != 0, result.output[-4000:]
+    assert "mixtune.sft: step 2: non-finite gradient (NaN or Inf)" in result.output, result.output[-4000:]
+    assert "data/tasks/sft_train.jsonl:" in result.output  # the step's samples are named
+    assert not (out / "model.safetensors").exists()
 
 
 @launched

@@ -11,12 +11,15 @@ rank (one all-reduce), and then, as `reliability.on_nonfinite` says:
   is not told about the skip), so step numbers and the schedule stay aligned with the data.
 
 Under DeepSpeed the engine applies the update inside backward, before any pre-step hook, so there
-the loss is checked before backward instead (`check_loss_now`), all ranks agreeing; `skip` is
-refused there (`refuse_unsupported`), and a non-finite gradient behind a finite loss goes unseen.
+the loss is checked before backward instead (`check_loss_now`), all ranks agreeing, and a
+non-finite gradient behind a finite loss is read from the engine's gradient norm after its step
+(`after_engine_step`): ZeRO-3 (DeepSpeed 0.19) discards an update whose norm is NaN or Inf itself,
+and the guard stops the run there. `skip` is refused under DeepSpeed (`refuse_unsupported`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -66,9 +69,18 @@ class NonFiniteGuard:
 
     def check_loss_now(self, loss: torch.Tensor, samples: list[str] | None, step: int) -> None:
         """Before backward (DeepSpeed): stop now on a non-finite loss, all ranks agreeing."""
+        self._samples.append(samples)
         bad = self.any_rank(~torch.isfinite(loss.detach()).reshape(1))
         if bool(bad.item()):
-            self._stop(step, "loss", [(len(self._losses), samples, not torch.isfinite(loss).item())])
+            self._stop(step, "loss", [(len(self._samples) - 1, samples, not torch.isfinite(loss).item())])
+
+    def after_engine_step(self, grad_norm: float | None, step: int) -> None:
+        """After DeepSpeed's optimizer step: stop on a non-finite gradient norm (the same on every
+        rank: the engine all-reduces it), naming the step's micro-batches."""
+        samples, self._samples = self._samples, []
+        if grad_norm is None or math.isfinite(float(grad_norm)):
+            return
+        self._stop(step, "gradient", [(i, s, False) for i, s in enumerate(samples)])
 
     def before_optimizer_step(self, params: Iterable[torch.nn.Parameter], step: int) -> bool:
         """Check the step's losses and gradients; True when the update was dropped (skip policy)."""

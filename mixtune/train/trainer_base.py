@@ -69,7 +69,8 @@ class _WatchCallback(RoutingWatchCallback):
 
 
 class _GuardCallback(TrainerCallback):
-    """Runs the NaN/Inf check between gradient clipping and `optimizer.step()`."""
+    """Runs the NaN/Inf check between gradient clipping and `optimizer.step()` (under DeepSpeed:
+    after the engine's step, on its gradient norm)."""
 
     def __init__(self, trainer: MixtuneTrainerMixin):
         self.trainer = trainer
@@ -83,6 +84,14 @@ class _GuardCallback(TrainerCallback):
         scaled = getattr(trainer.accelerator, "scaler", None) is not None
         params = [] if scaled else [p for group in optimizer.param_groups for p in group["params"]]
         trainer.nonfinite.before_optimizer_step(params, state.global_step + 1)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.is_deepspeed_enabled:  # the engine's step is done: was its gradient finite?
+            trainer.nonfinite.after_engine_step(
+                trainer.model_wrapped.get_global_grad_norm(), state.global_step
+            )
         return control
 
 
