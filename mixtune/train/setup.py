@@ -192,7 +192,7 @@ def save_outputs(trainer, run: Run) -> Path:
     return output_dir
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = True) -> None:
     """Close W&B and the process group so multi-process runs exit cleanly."""
     try:
         import wandb
@@ -202,10 +202,12 @@ def shutdown() -> None:
     except ImportError:
         pass
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # All ranks reach this point before any tears down: rank 0 hosts the rendezvous store, and
-        # a rank whose gloo threads still talk to it when it goes aborts at exit (seen as
-        # "terminate called without an active exception" after a finished run).
-        torch.distributed.barrier()
+        # After a finished run all ranks meet before any tears down: rank 0 hosts the rendezvous
+        # store, and a rank whose gloo threads still talk to it when it goes aborts at exit (seen
+        # as "terminate called without an active exception"). Not after a fault: the other ranks
+        # may not be coming, and waiting for them would turn a failure into a hang.
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -237,5 +239,5 @@ def train_and_save(trainer, run: Run, banner: str) -> int:
         output_dir = save_outputs(trainer, run)
         if trainer.accelerator.is_main_process:
             print(f"saved to {output_dir}", flush=True)
-    shutdown()
+    shutdown(finished=code == 0)
     return code
