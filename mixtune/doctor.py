@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -98,19 +97,18 @@ def run_checks(recipe_path: str, stage: str, overrides: list[str], max_params: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mixtune.train.setup import is_main_process, shutdown  # the training stack, only when checking
+
     args = parse_args(argv)
     stage, why = choose_stage(args.recipe, args.stage)
     # Under a multi-process launch every rank runs the checks (ZeRO-3 gathers are collective); rank 0 prints.
-    stream = sys.stdout if os.environ.get("RANK", "0") == "0" else io.StringIO()
+    stream = sys.stdout if is_main_process() else io.StringIO()
     print(f"mixtune doctor: {args.recipe} (stage {stage}: {why})", file=stream, flush=True)
     report = Report(stream)
     max_params = int(args.max_params) if args.max_params is not None else default_max_params()
     run_checks(args.recipe, stage, args.overrides, max_params, report)
     print(report.totals(), file=stream)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():  # a launched doctor exits cleanly (see STACK.md)
-        dist.destroy_process_group()
+    shutdown(finished=True)  # every rank gets here (each check is guarded): a launched doctor exits cleanly
     return 1 if report.failed else 0
 
 

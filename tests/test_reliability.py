@@ -223,6 +223,15 @@ def start_sft(out: Path, fault: dict[str, str], *extra: str) -> subprocess.Popen
     )
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The helper's output once it exits; killed and failed at `timeout`, so a hang frees its core."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"did not finish within {timeout:.0f} s (a hang?):\n{proc.communicate()[0][-4000:]}")
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -281,7 +290,7 @@ def test_r2_retention_never_deletes_the_last_complete_checkpoint(tmp_path, monke
 def test_r3_sigterm_checkpoints_at_the_step_end_and_resume_continues(tmp_path, straight_lora, caplog):
     out = tmp_path / "sft"
     proc = start_sft(out, {"MIXTUNE_TEST_SIGTERM_AT": "6"})  # between step 6's two micro-batches
-    output, _ = proc.communicate(timeout=240)
+    output = finish(proc, timeout=240)
     assert proc.returncode == PREEMPTED_EXIT_CODE, output[-4000:]
     assert "received SIGTERM" in output
     verify(out / "checkpoint-6")  # the step finished, then it was saved, whole

